@@ -1,0 +1,19 @@
+"""ape: find the prompt that makes your model do your task best on held-out data."""
+
+from ape.lm import HFLanguageModel, LanguageModel
+from ape.models import DEFAULT_MODEL, ModelError, load_model
+from ape.prompt import Prompt
+from ape.task import Example, Task, TaskError, load_task
+
+__all__ = [
+    "DEFAULT_MODEL",
+    "Example",
+    "HFLanguageModel",
+    "LanguageModel",
+    "ModelError",
+    "Prompt",
+    "Task",
+    "TaskError",
+    "load_model",
+    "load_task",
+]
