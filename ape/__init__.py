@@ -1,5 +1,6 @@
 """ape: find the prompt that makes your model do your task best on held-out data."""
 
+from ape.evaluation import evaluate
 from ape.lm import HFLanguageModel, LanguageModel
 from ape.models import DEFAULT_MODEL, ModelError, load_model
 from ape.prompt import Prompt
@@ -14,6 +15,7 @@ __all__ = [
     "Prompt",
     "Task",
     "TaskError",
+    "evaluate",
     "load_model",
     "load_task",
 ]

@@ -25,6 +25,7 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 import torch
+from transformers import DynamicCache
 
 Request = tuple[str, str]
 
@@ -117,12 +118,18 @@ class HFLanguageModel:
             wholes.append(stripped + continuation)
         enc = self.tokenizer(contexts + wholes, add_special_tokens=False)["input_ids"]
         pairs = []
-        for ctx, whole in zip(enc[: len(requests)], enc[len(requests) :], strict=True):
-            cut = len(ctx)
-            context_ids, continuation_ids = whole[:cut], whole[cut:]
-            if not context_ids:
-                context_ids = [self.prefix_token_id]
-            pairs.append((context_ids, continuation_ids))
+        for i, (ctx, whole) in enumerate(
+            zip(enc[: len(requests)], enc[len(requests) :], strict=True)
+        ):
+            # lm-evaluation-harness's split: the context as tokenized alone, the continuation as
+            # the rest of the joint tokenization.
+            continuation_ids = whole[len(ctx) :]
+            if not continuation_ids:
+                raise ValueError(
+                    f"request {i}: the continuation {requests[i][1]!r} has no tokens of its own; "
+                    f"it merges into the context's last token. Start it with a space or separator"
+                )
+            pairs.append((ctx or [self.prefix_token_id], continuation_ids))
         return pairs
 
     # ---------------------------------------------------------------- scoring
@@ -137,10 +144,10 @@ class HFLanguageModel:
         pairs = self.encode_pairs(requests)
         sums = np.zeros(len(pairs), dtype=np.float64)
         counts = np.array([len(cont) for _, cont in pairs], dtype=np.int64)
-        rows = self._rows(pairs)
-        for group in _group_rows(rows):
-            for batch in self._batches(group):
-                self._score_batch(batch, group.prefix_len, sums)
+        groups = _group_rows(self._rows(pairs))
+        prefixes = self._prefix_states(groups)
+        for batch in self._batches(groups):
+            self._with_backoff(self._forward_batch, batch, prefixes, sums)
         return (sums, counts) if return_counts else sums
 
     def _rows(self, pairs: list[tuple[list[int], list[int]]]) -> list[_Row]:
@@ -161,69 +168,84 @@ class HFLanguageModel:
             row.reads.extend((start + j, tok, i) for j, tok in enumerate(continuation))
         return sorted(rows.values(), key=lambda r: r.tokens)
 
-    def _batches(self, group: _Group) -> Iterator[list[list[_Row]]]:
-        """Pack suffixes into sequences of about `pack_tokens`, then batch packs under the budget.
+    def _prefix_states(self, groups: list[_Group]) -> list[list[tuple[torch.Tensor, ...]]]:
+        """Per group, per layer: the (keys, values) of its shared prefix, [1, heads, prefix, dim].
+
+        All prefixes run together, packed into as few sequences as possible.
+        """
+        todo = [
+            _Pack([_Row(g.rows[0].tokens[: g.prefix_len], 0)], 0, k)
+            for k, g in enumerate(groups)
+            if g.prefix_len
+        ]
+        states: list[list[tuple[torch.Tensor, ...]]] = [[] for _ in groups]
+        for batch in _batched(_fill(todo, self.pack_tokens), self.max_batch_tokens):
+            self._with_backoff(self._prefix_batch, batch, states)
+        return states
+
+    def _prefix_batch(self, batch: list[_Pack], states: list) -> None:
+        packed = _pack(batch, 0, self.tokenizer.pad_token_id)
+        cache = self._run(packed, None).past_key_values
+        for b, pack in enumerate(batch):
+            ((start, end),) = packed.spans[b]  # prefix packs hold one row each
+            states[pack.group] = [
+                (layer.keys[b : b + 1, :, start:end], layer.values[b : b + 1, :, start:end])
+                for layer in cache.layers
+            ]
+
+    def _batches(self, groups: list[_Group]) -> list[list[_Pack]]:
+        """Suffixes packed into sequences of about `pack_tokens`, batched under the token budget.
 
         Packing (several suffixes in one sequence, kept apart by the attention mask) removes
-        padding and gives the matrix multiplies long, efficient shapes.
+        padding, and batching across groups gives the matrix multiplies long, efficient shapes.
         """
-        rows = sorted(group.rows, key=lambda r: len(r.tokens), reverse=True)
-        packs: list[list[_Row]] = []
-        filled: list[int] = []
-        for row in rows:  # first-fit decreasing
-            size = len(row.tokens) - group.prefix_len
-            for k, used in enumerate(filled):
-                if used + size <= self.pack_tokens:
-                    packs[k].append(row)
-                    filled[k] += size
-                    break
-            else:
-                packs.append([row])
-                filled.append(size)
-        per_batch = max(1, self.max_batch_tokens // max(max(filled), 1))
-        for start in range(0, len(packs), per_batch):
-            yield packs[start : start + per_batch]
+        packs = []
+        for k, group in enumerate(groups):
+            packs += _fill([_Pack([r], group.prefix_len, k) for r in group.rows], self.pack_tokens)
+        return list(_batched(packs, self.max_batch_tokens))
 
-    def _score_batch(self, packs: list[list[_Row]], prefix_len: int, sums: np.ndarray) -> None:
-        """Score one batch, halving it on out-of-memory until a single row fails."""
+    def _with_backoff(self, step, packs: list[_Pack], *args) -> None:
+        """Run `step(packs, *args)`, halving the batch on out-of-memory until one row fails."""
         try:
-            self._forward_batch(packs, prefix_len, sums)
+            step(packs, *args)
         except RuntimeError as err:
-            rows = [row for pack in packs for row in pack]
-            if not _is_out_of_memory(err) or len(rows) == 1:
+            singles = [_Pack([r], p.prefix_len, p.group) for p in packs for r in p.rows]
+            if not _is_out_of_memory(err) or len(singles) == 1:
                 raise
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             self.max_batch_tokens = max(1, self.max_batch_tokens // 2)
             self.pack_tokens = max(1, self.pack_tokens // 2)
-            half = len(rows) // 2
-            self._score_batch([[r] for r in rows[:half]], prefix_len, sums)
-            self._score_batch([[r] for r in rows[half:]], prefix_len, sums)
+            half = len(singles) // 2
+            self._with_backoff(step, singles[:half], *args)
+            self._with_backoff(step, singles[half:], *args)
 
-    def _forward_batch(self, packs: list[list[_Row]], prefix_len: int, sums: np.ndarray) -> None:
-        device = self.device
-        base = self.model.base_model
-        batch = _pack(packs, prefix_len, self.tokenizer.pad_token_id)
-        cache = None
-        if prefix_len:
-            prefix = torch.tensor([packs[0][0].tokens[:prefix_len]], device=device)
-            cache = base(input_ids=prefix, use_cache=True).past_key_values
-            _expand_cache(cache, len(packs))
-        dtype = self.model.dtype
-        mask = torch.zeros(batch.allowed.shape, dtype=dtype)
-        mask.masked_fill_(~batch.allowed, torch.finfo(dtype).min)
-        hidden = base(
-            input_ids=batch.ids.to(device),
-            position_ids=batch.positions.to(device),
+    def _forward_batch(
+        self, packs: list[_Pack], prefixes: list[list[tuple[torch.Tensor, ...]]], sums: np.ndarray
+    ) -> None:
+        width = max(p.prefix_len for p in packs)
+        packed = _pack(packs, width, self.tokenizer.pad_token_id)
+        cache = _prefix_cache(self.model.config, packs, prefixes, width) if width else None
+        hidden = self._run(packed, cache).last_hidden_state  # [packs, width, d_model]
+        device = hidden.device
+        selected = hidden[packed.read_pack.to(device), packed.read_offset.to(device)]
+        logprobs = self._project(selected).log_softmax(-1)  # [n_reads, vocab]
+        targets = packed.read_target.to(device)
+        picked = logprobs[torch.arange(len(targets), device=device), targets]
+        np.add.at(sums, packed.read_owner, picked.double().cpu().numpy())
+
+    def _run(self, packed: _PackedBatch, cache):
+        """One forward pass of the decoder (no vocabulary head) over a packed batch."""
+        device, dtype = self.device, self.model.dtype
+        mask = torch.zeros(packed.allowed.shape, dtype=dtype)
+        mask.masked_fill_(~packed.allowed, torch.finfo(dtype).min)
+        return self.model.base_model(
+            input_ids=packed.ids.to(device),
+            position_ids=packed.positions.to(device),
             attention_mask=mask[:, None].to(device),  # [packs, 1, query, prefix + query]
             past_key_values=cache,
-            use_cache=cache is not None,
-        ).last_hidden_state  # [packs, width, d_model]
-        selected = hidden[batch.read_pack.to(device), batch.read_offset.to(device)]
-        logprobs = self._project(selected).log_softmax(-1)  # [n_reads, vocab]
-        targets = batch.read_target.to(device)
-        picked = logprobs[torch.arange(len(targets), device=device), targets]
-        np.add.at(sums, batch.read_owner, picked.double().cpu().numpy())
+            use_cache=True,
+        )
 
     def _project(self, hidden: torch.Tensor) -> torch.Tensor:
         """Hidden states to fp32 vocabulary logits, as the model's own head would."""
@@ -319,56 +341,125 @@ def _group_rows(rows: list[_Row]) -> list[_Group]:
 
 
 @dataclass
+class _Pack:
+    """Rows run side by side in one sequence, all after the KV of group `group`'s prefix."""
+
+    rows: list[_Row]
+    prefix_len: int
+    group: int
+
+    @property
+    def size(self) -> int:
+        return sum(len(r.tokens) - self.prefix_len for r in self.rows)
+
+
+def _fill(items: list[_Pack], capacity: int) -> list[_Pack]:
+    """First-fit decreasing: merge one-row packs of one group into packs of up to `capacity`."""
+    packs: list[_Pack] = []
+    open_by_group: dict[int, list[_Pack]] = {}
+    for item in sorted(items, key=lambda p: p.size, reverse=True):
+        candidates = open_by_group.setdefault(item.group, [])
+        for pack in candidates:
+            if pack.size + item.size <= capacity:
+                pack.rows += item.rows
+                break
+        else:
+            candidates.append(item)
+            packs.append(item)
+    return packs
+
+
+def _batched(packs: list[_Pack], budget: int) -> Iterator[list[_Pack]]:
+    """Consecutive packs whose padded size (batch x longest) stays within `budget` tokens."""
+    batch: list[_Pack] = []
+    longest = 0
+    for pack in packs:
+        wider = max(longest, pack.size + pack.prefix_len)
+        if batch and wider * (len(batch) + 1) > budget:
+            yield batch
+            batch, wider = [], pack.size + pack.prefix_len
+        batch.append(pack)
+        longest = wider
+    if batch:
+        yield batch
+
+
+@dataclass
 class _PackedBatch:
     ids: torch.Tensor  # [packs, width] token ids, right-padded
     positions: torch.Tensor  # [packs, width] position of each token in its own sequence
     allowed: torch.Tensor  # [packs, width, prefix + width] which keys each query may see
+    spans: list[list[tuple[int, int]]]  # per pack, per row: where its tokens lie
     read_pack: torch.Tensor  # per read: which pack, at which offset, which target token
     read_offset: torch.Tensor
     read_target: torch.Tensor
     read_owner: np.ndarray  # per read: the request it belongs to
 
 
-def _pack(packs: list[list[_Row]], prefix_len: int, pad_id: int) -> _PackedBatch:
-    """Lay suffixes side by side; each query sees the shared prefix and its own suffix, causally."""
-    width = max(sum(len(r.tokens) - prefix_len for r in pack) for pack in packs)
+def _pack(packs: list[_Pack], prefix_width: int, pad_id: int) -> _PackedBatch:
+    """Lay rows side by side; each query sees its pack's prefix and its own row, causally.
+
+    `prefix_width` is the cached prefix length of the batch (the longest of its packs); a pack
+    with a shorter prefix sees only the first `pack.prefix_len` cached slots.
+    """
+    width = max(p.size for p in packs)
     ids = torch.full((len(packs), width), pad_id, dtype=torch.long)
     positions = torch.zeros((len(packs), width), dtype=torch.long)
     segment = torch.full((len(packs), width), -1, dtype=torch.long)
+    sees_prefix = torch.zeros((len(packs), width, prefix_width), dtype=torch.bool)
+    spans: list[list[tuple[int, int]]] = []
     read_pack, read_offset, read_target, read_owner = [], [], [], []
     for b, pack in enumerate(packs):
-        start = 0
-        for k, row in enumerate(pack):
-            suffix = row.tokens[prefix_len:]
+        start, p = 0, pack.prefix_len
+        spans.append([])
+        for k, row in enumerate(pack.rows):
+            suffix = row.tokens[p:]
             end = start + len(suffix)
             ids[b, start:end] = torch.tensor(suffix)
-            positions[b, start:end] = torch.arange(prefix_len, prefix_len + len(suffix))
+            positions[b, start:end] = torch.arange(p, p + len(suffix))
             segment[b, start:end] = k
+            sees_prefix[b, start:end, :p] = True
+            spans[-1].append((start, end))
             for pos, target, owner in row.reads:
                 read_pack.append(b)
-                read_offset.append(start + pos - prefix_len)
+                read_offset.append(start + pos - p)
                 read_target.append(target)
                 read_owner.append(owner)
             start = end
     causal = torch.ones(width, width, dtype=torch.bool).tril()
-    same = segment[:, :, None] == segment[:, None, :]
     # Pads (segment -1) see only each other, which keeps their softmax finite; nothing reads them.
-    allowed = torch.cat(
-        [
-            (segment >= 0)[:, :, None].expand(-1, -1, prefix_len),
-            same & causal,
-        ],
-        dim=-1,
-    )
+    own_row = (segment[:, :, None] == segment[:, None, :]) & causal
     return _PackedBatch(
         ids,
         positions,
-        allowed,
-        torch.tensor(read_pack),
-        torch.tensor(read_offset),
-        torch.tensor(read_target),
-        np.array(read_owner),
+        torch.cat([sees_prefix, own_row], dim=-1),
+        spans,
+        torch.tensor(read_pack, dtype=torch.long),
+        torch.tensor(read_offset, dtype=torch.long),
+        torch.tensor(read_target, dtype=torch.long),
+        np.array(read_owner, dtype=np.int64),
     )
+
+
+def _prefix_cache(config, packs: list[_Pack], prefixes, width: int) -> DynamicCache:
+    """A KV cache holding each pack's prefix, left-aligned and zero-padded to `width` slots.
+
+    Padded slots are masked out in `_pack`, so their zeros are never attended to.
+    """
+    cache = DynamicCache(config=config)
+    some = next(prefixes[p.group] for p in packs if p.prefix_len)
+    for layer, (k0, _) in enumerate(some):
+        keys, values = [], []
+        for pack in packs:
+            if pack.prefix_len:
+                k, v = prefixes[pack.group][layer]
+            else:
+                k = v = k0[:, :, :0]
+            pad = (0, 0, 0, width - k.shape[2])
+            keys.append(torch.nn.functional.pad(k, pad))
+            values.append(torch.nn.functional.pad(v, pad))
+        cache.update(torch.cat(keys), torch.cat(values), layer)
+    return cache
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -377,13 +468,6 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
         if a[k] != b[k]:
             return k
     return n
-
-
-def _expand_cache(cache, batch: int) -> None:
-    """Broadcast a batch-1 KV cache over `batch` rows without copying (views)."""
-    for layer in cache.layers:
-        layer.keys = layer.keys.expand(batch, *layer.keys.shape[1:])
-        layer.values = layer.values.expand(batch, *layer.values.shape[1:])
 
 
 def _is_out_of_memory(err: RuntimeError) -> bool:

@@ -105,9 +105,9 @@ def _converted(gguf: Path, cache_key: str) -> Path:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
         # A GGUF-loaded model refuses save_pretrained: rebuild a plain one from its config.
-        config = AutoConfig.for_model(**{
-            k: v for k, v in quantized.config.to_dict().items() if k != "quantization_config"
-        })
+        config = AutoConfig.for_model(
+            **{k: v for k, v in quantized.config.to_dict().items() if k != "quantization_config"}
+        )
         plain = AutoModelForCausalLM.from_config(config)
         plain.load_state_dict(quantized.state_dict())
         plain.save_pretrained(tmp, safe_serialization=True)
@@ -123,7 +123,9 @@ def _converted(gguf: Path, cache_key: str) -> Path:
 
 def _load_hf(source: str | Path, dtype: torch.dtype, from_hub: bool):
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # a per-tensor bar for a local load is noise
     kwargs = {"trust_remote_code": False}
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)

@@ -1,0 +1,3 @@
+from ape.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,54 @@
+"""`evaluate()`: the mean score of given instructions on a task split.
+
+Users check their own prompts with it, and every searcher's result is compared through it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+from ape.lm import LanguageModel
+from ape.models import DEFAULT_MODEL, load_model
+from ape.prompt import Prompt
+from ape.task import Task, load_task
+
+
+def resolve_task(task: Task | str | os.PathLike, seed: int = 0) -> Task:
+    """A Task as given, or loaded from a path or bundled task name."""
+    return task if isinstance(task, Task) else load_task(task, seed=seed)
+
+
+def resolve_model(model: LanguageModel | str | os.PathLike = DEFAULT_MODEL) -> LanguageModel:
+    """A model object as given, or loaded by name or path."""
+    return model if isinstance(model, LanguageModel) else load_model(model)
+
+
+def make_evaluator(name: str, task: Task, **options: Any):
+    """The named evaluator, with the task's metric and labels filled in where it takes them."""
+    from evaluators.base import get_evaluator  # the face reaches evaluators only by name
+
+    if name == "generation":
+        options.setdefault("metric", task.metric)
+    if name == "choice":
+        options.setdefault("labels", task.labels or task.distinct_outputs())
+    return get_evaluator(name, **options)
+
+
+def evaluate(
+    task: Task | str | os.PathLike,
+    instructions: Sequence[str],
+    model: LanguageModel | str | os.PathLike = DEFAULT_MODEL,
+    evaluator: str = "loglik",
+    split: str = "test",
+    seed: int = 0,
+    **evaluator_options: Any,
+) -> list[float]:
+    """Mean score of each instruction on `split` (higher is better), in the order given."""
+    task = resolve_task(task, seed=seed)
+    examples = task.split(split)
+    scorer = make_evaluator(evaluator, task, **evaluator_options)
+    lm = resolve_model(model)
+    scores = scorer.score(lm, [Prompt(text) for text in instructions], examples)
+    return [float(row.mean()) for row in scores]
