@@ -185,7 +185,7 @@ class HFLanguageModel:
 
     def _prefix_batch(self, batch: list[_Pack], states: list) -> None:
         packed = _pack(batch, 0, self.tokenizer.pad_token_id)
-        cache = self._run(packed, None).past_key_values
+        cache = self._run(packed, None, keep_cache=True).past_key_values
         for b, pack in enumerate(batch):
             ((start, end),) = packed.spans[b]  # prefix packs hold one row each
             states[pack.group] = [
@@ -226,7 +226,8 @@ class HFLanguageModel:
         width = max(p.prefix_len for p in packs)
         packed = _pack(packs, width, self.tokenizer.pad_token_id)
         cache = _prefix_cache(self.model.config, packs, prefixes, width) if width else None
-        hidden = self._run(packed, cache).last_hidden_state  # [packs, width, d_model]
+        # [packs, width, d_model]
+        hidden = self._run(packed, cache, keep_cache=False).last_hidden_state
         device = hidden.device
         selected = hidden[packed.read_pack.to(device), packed.read_offset.to(device)]
         logprobs = self._project(selected).log_softmax(-1)  # [n_reads, vocab]
@@ -234,7 +235,7 @@ class HFLanguageModel:
         picked = logprobs[torch.arange(len(targets), device=device), targets]
         np.add.at(sums, packed.read_owner, picked.double().cpu().numpy())
 
-    def _run(self, packed: _PackedBatch, cache):
+    def _run(self, packed: _PackedBatch, cache, keep_cache: bool):
         """One forward pass of the decoder (no vocabulary head) over a packed batch."""
         device, dtype = self.device, self.model.dtype
         mask = torch.zeros(packed.allowed.shape, dtype=dtype)
@@ -244,7 +245,7 @@ class HFLanguageModel:
             position_ids=packed.positions.to(device),
             attention_mask=mask[:, None].to(device),  # [packs, 1, query, prefix + query]
             past_key_values=cache,
-            use_cache=True,
+            use_cache=keep_cache,  # a given cache is read either way
         )
 
     def _project(self, hidden: torch.Tensor) -> torch.Tensor:
