@@ -90,10 +90,10 @@ def _run_evaluate(args: argparse.Namespace) -> int:
 def _print_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=False)]
     line = "  ".join(f"{h:<{w}}" for h, w in zip(header, widths, strict=True))
-    print(line)
+    print(line.rstrip())
     print("  ".join("-" * w for w in widths))
     for row in rows:
-        print("  ".join(f"{c:<{w}}" for c, w in zip(row, widths, strict=True)))
+        print("  ".join(f"{c:<{w}}" for c, w in zip(row, widths, strict=True)).rstrip())
 
 
 def main(argv: Sequence[str] | None = None) -> int:
