@@ -179,7 +179,9 @@ class HFLanguageModel:
             if g.prefix_len
         ]
         states: list[list[tuple[torch.Tensor, ...]]] = [[] for _ in groups]
-        for batch in _batched(_fill(todo, self.pack_tokens), self.max_batch_tokens):
+        # Each prefix is its own group, so packing would not merge them: just sort to cut padding.
+        todo.sort(key=lambda p: p.size, reverse=True)
+        for batch in _batched(todo, self.max_batch_tokens):
             self._with_backoff(self._prefix_batch, batch, states)
         return states
 
@@ -238,12 +240,13 @@ class HFLanguageModel:
     def _run(self, packed: _PackedBatch, cache, keep_cache: bool):
         """One forward pass of the decoder (no vocabulary head) over a packed batch."""
         device, dtype = self.device, self.model.dtype
-        mask = torch.zeros(packed.allowed.shape, dtype=dtype)
-        mask.masked_fill_(~packed.allowed, torch.finfo(dtype).min)
+        allowed = packed.allowed.to(device)
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
+        mask.masked_fill_(~allowed, torch.finfo(dtype).min)
         return self.model.base_model(
             input_ids=packed.ids.to(device),
             position_ids=packed.positions.to(device),
-            attention_mask=mask[:, None].to(device),  # [packs, 1, query, prefix + query]
+            attention_mask=mask[:, None],  # [packs, 1, query, prefix + query]
             past_key_values=cache,
             use_cache=keep_cache,  # a given cache is read either way
         )
@@ -274,7 +277,6 @@ class HFLanguageModel:
         if chat:
             prompts = [self.chat_prompt(p) for p in prompts]
         tok = self.tokenizer
-        tok.padding_side = "left"  # generation continues from the right edge
         sample = temperature > 0
         out: list[list[str]] = []
         with torch.random.fork_rng(devices=_rng_devices(self.device)):
@@ -282,7 +284,15 @@ class HFLanguageModel:
                 torch.manual_seed(seed)
             for start in range(0, len(prompts), batch_size):
                 chunk = list(prompts[start : start + batch_size])
-                enc = tok(chunk, return_tensors="pt", padding=True, add_special_tokens=False)
+                # Left padding: generation continues from the right edge. Passed per call so the
+                # shared tokenizer's own setting is left alone.
+                enc = tok(
+                    chunk,
+                    return_tensors="pt",
+                    padding=True,
+                    padding_side="left",
+                    add_special_tokens=False,
+                )
                 enc = {k: v.to(self.device) for k, v in enc.items()}
                 generated = self.model.generate(
                     **enc,
