@@ -12,6 +12,9 @@ from collections.abc import Sequence
 from ape.models import DEFAULT_MODEL, ModelError
 from ape.task import TaskError
 
+DEFAULT_RUNS = "ape-runs"
+DEFAULT_STORAGE = f"sqlite:///{DEFAULT_RUNS}/ape.db"
+
 _DATA_HELP = (
     "task data: a JSONL/JSON/CSV/TSV file with 'input' and 'output' fields, a directory with "
     "train.jsonl (and optionally val.jsonl/dev.jsonl, test.jsonl, meta.json), or a bundled task "
@@ -60,7 +63,117 @@ def build_parser() -> argparse.ArgumentParser:
         "--split", default="test", choices=["train", "val", "test"], help="default: test"
     )
     evaluate.set_defaults(run=_run_evaluate)
+    _add_optimize(commands)
+    show = commands.add_parser(
+        "show", help="print a saved result", description="Print a result JSON saved by optimize."
+    )
+    show.add_argument("result", help="a result JSON written by 'ape optimize --out'")
+    show.add_argument("--top", type=int, default=10, help="leaderboard rows to print (default: 10)")
+    show.set_defaults(run=_run_show)
     return parser
+
+
+def _add_optimize(commands) -> None:
+    from search.base import available_searchers
+
+    optimize = commands.add_parser(
+        "optimize",
+        help="find the best instruction for a task",
+        description="Search for the instruction that scores best on held-out validation data, "
+        "then score the best few on the test split. Every scored candidate is stored in an "
+        "Optuna study, so rerunning an interrupted command resumes where it stopped.",
+    )
+    _add_task_arguments(optimize)
+    optimize.add_argument(
+        "--searcher",
+        default="ape",
+        help=f"{', '.join(available_searchers())} (default: ape)",
+    )
+    optimize.add_argument(
+        "--budget",
+        type=int,
+        help="hard cap on scored (prompt, example) pairs plus generated tokens (default: none; "
+        "the searcher's own schedule)",
+    )
+    optimize.add_argument(
+        "--out",
+        help="result JSON (default: ape-runs/TASK-SEARCHER-seedSEED.json)",
+    )
+    optimize.add_argument(
+        "--storage",
+        help=f"Optuna storage URL for the trial history, a journal file (*.log), or 'memory' "
+        f"(default: {DEFAULT_STORAGE})",
+    )
+    optimize.add_argument("--study", help="study name (default: TASK-<hash of model+evaluator>)")
+    optimize.add_argument(
+        "--val-examples",
+        type=int,
+        default=50,
+        help="validation examples the finalists are judged on (default: 50)",
+    )
+    optimize.add_argument(
+        "--test-top",
+        type=int,
+        default=3,
+        help="best candidates scored on the test split (default: 3)",
+    )
+    optimize.add_argument("--top", type=int, default=10, help="leaderboard rows to print")
+    optimize.add_argument("--quiet", action="store_true", help="no progress bars")
+    for name in available_searchers():
+        _add_searcher_options(optimize, name)
+    optimize.set_defaults(run=_run_optimize)
+
+
+def _add_searcher_options(parser: argparse.ArgumentParser, searcher: str) -> None:
+    """One flag per searcher hyperparameter, grouped by searcher; absent flags keep defaults."""
+    from search.base import field_type, searcher_class, searcher_options
+
+    cls = searcher_class(searcher)
+    group = parser.add_argument_group(f"options of --searcher {searcher}")
+    for field in searcher_options(searcher):
+        flag = field.metadata.get("flag") or "--" + field.name.replace("_", "-")
+        owners = _SEARCHER_FLAGS.setdefault(flag, (field.name, []))[1]
+        owners.append(searcher)
+        if len(owners) > 1:
+            continue  # the flag exists already; it now applies to this searcher too
+        kind = field_type(cls, field)
+        help_text = f"{field.metadata.get('help', '')} (default: {field.default!r})"
+        if kind is tuple[str, ...]:
+            group.add_argument(
+                flag,
+                dest=_dest(flag),
+                action="append",
+                help=help_text,
+                default=argparse.SUPPRESS,
+                metavar="TEXT",
+            )
+            continue
+        convert = {int: int, float: float}.get(kind, str)
+        group.add_argument(
+            flag, dest=_dest(flag), type=convert, help=help_text, default=argparse.SUPPRESS
+        )
+
+
+# flag -> (field name, searchers that take it); filled as the parser is built
+_SEARCHER_FLAGS: dict[str, tuple[str, list[str]]] = {}
+
+
+def _dest(flag: str) -> str:
+    return "searcher_" + flag.lstrip("-").replace("-", "_")
+
+
+def _searcher_arguments(args: argparse.Namespace) -> dict:
+    options = {}
+    for flag, (field, owners) in _SEARCHER_FLAGS.items():
+        if not hasattr(args, _dest(flag)):
+            continue
+        if args.searcher not in owners:
+            raise ValueError(
+                f"{flag} is an option of --searcher {' or '.join(owners)}, not {args.searcher}"
+            )
+        value = getattr(args, _dest(flag))
+        options[field] = tuple(value) if isinstance(value, list) else value
+    return options
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
@@ -85,6 +198,103 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         ],
     )
     return 0
+
+
+def _run_optimize(args: argparse.Namespace) -> int:
+    from ape.api import Interrupted, optimize
+    from ape.evaluation import make_evaluator
+    from ape.models import load_model
+    from ape.task import load_task
+    from search.base import get_searcher
+
+    options = _searcher_arguments(args)
+    if args.budget is not None and args.budget <= 0:
+        raise ValueError(f"--budget must be a positive number of units, got {args.budget}")
+    task = load_task(args.data, val=args.val, test=args.test, seed=args.seed)
+    make_evaluator(args.evaluator, task)  # bad names fail before the slow model load
+    get_searcher(args.searcher, **options)
+    out = args.out or f"{DEFAULT_RUNS}/{task.name}-{args.searcher}-seed{args.seed}.json"
+    storage = args.storage or DEFAULT_STORAGE
+    lm = load_model(args.model, device=args.device, dtype=args.dtype)
+    try:
+        result = optimize(
+            task,
+            model=lm,
+            searcher=args.searcher,
+            evaluator=args.evaluator,
+            budget=args.budget,
+            seed=args.seed,
+            storage=None if storage == "memory" else storage,
+            study=args.study,
+            val_examples=args.val_examples,
+            test_top=args.test_top,
+            progress=not args.quiet,
+            **options,
+        )
+    except Interrupted as stop:
+        path = stop.result.save(out)
+        print(f"ape: interrupted; partial result saved to {path}", file=sys.stderr)
+        if storage != "memory":
+            print("ape: run the same command again to resume", file=sys.stderr)
+        return 130
+    path = result.save(out)
+    print_result(result, top=args.top)
+    print(f"\nsaved {path}")
+    return 0
+
+
+def _run_show(args: argparse.Namespace) -> int:
+    from ape.result import Result
+
+    print_result(Result.load(args.result), top=args.top)
+    return 0
+
+
+def print_result(result, top: int = 10) -> None:
+    """The leaderboard and the best prompt beside the no-instruction reference."""
+
+    def fmt(value) -> str:
+        return "-" if value is None else f"{value:.4f}"
+
+    budget = f"{result.budget_used}" + (f" of {result.budget}" if result.budget else "")
+    print(
+        f"\n{result.task}: searcher {result.searcher}, {result.evaluator}, model {result.model}, "
+        f"seed {result.seed}, budget used {budget}"
+        + (" (interrupted)" if result.interrupted else "")
+    )
+    rows = [
+        (
+            str(i),
+            fmt(e.val_score),
+            str(e.val_examples),
+            fmt(e.test_score),
+            e.origin,
+            _short(e.instruction or "(no instruction)")
+            + (f" + {len(e.demos)} demos" if e.demos else ""),
+        )
+        for i, e in enumerate(result.leaderboard[:top], start=1)
+    ]
+    print()
+    _print_table(["#", "val", "n", "test", "origin", "instruction"], rows)
+    if len(result.leaderboard) > top:
+        print(f"... {len(result.leaderboard) - top} more in the result file")
+    if result.best is None:
+        return
+    print(f"\nbest instruction: {result.best.instruction or '(no instruction)'}")
+    ref = result.reference
+    print(
+        f"test score: {fmt(result.best.test_score)}"
+        + (f"   (no instruction: {fmt(ref.test_score)})" if ref is not None else "")
+    )
+    print(
+        f"val score:  {fmt(result.best.val_score)}"
+        + (f"   (no instruction: {fmt(ref.val_score)})" if ref is not None else "")
+    )
+
+
+def _short(text: str, limit: int = 80) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _print_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:

@@ -6,6 +6,7 @@ a prompt is scored on is exactly the text `Result.best.render(input)` gives back
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -18,6 +19,11 @@ class Prompt:
 
     instruction: str = ""
     demos: tuple[Example, ...] = ()
+
+    def key(self) -> str:
+        """The prompt's identity: equal keys render identical text for every input."""
+        demos = [[d.input, d.output] for d in self.demos]
+        return json.dumps([self.instruction, demos], ensure_ascii=False)
 
     def context(self, input: str) -> str:
         """The text the model sees before its answer."""

@@ -7,6 +7,7 @@ so a user can jump straight to the bad row.
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import math
 import os
@@ -45,6 +46,11 @@ class Example:
         if self.output not in answers:
             answers = (self.output, *answers)
         object.__setattr__(self, "answers", answers)
+
+    def key(self) -> str:
+        """A short content hash: a stored score stays valid exactly as long as this matches."""
+        text = json.dumps([self.input, self.output, list(self.answers)], ensure_ascii=False)
+        return hashlib.sha1(text.encode("utf-8")).hexdigest()[:16]
 
 
 @dataclass

@@ -1,0 +1,176 @@
+"""`optimize()`: from names to objects, through a searcher, to a `Result` with its evidence."""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+import numpy as np
+
+from ape.evaluation import make_evaluator, resolve_model, resolve_task
+from ape.lm import LanguageModel
+from ape.models import DEFAULT_MODEL
+from ape.objective import BudgetExhausted, Candidate, Objective
+from ape.prompt import Prompt
+from ape.result import Entry, Result
+from ape.study import TrialStore, content_hash
+from ape.task import Task
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during a run; `.result` holds what was scored (its scores are all stored)."""
+
+    def __init__(self, result: Result):
+        super().__init__("interrupted")
+        self.result = result
+
+
+def optimize(
+    task_or_path: Task | str | os.PathLike,
+    model: LanguageModel | str | os.PathLike = DEFAULT_MODEL,
+    searcher: str = "ape",
+    evaluator: str = "loglik",
+    budget: int | None = None,
+    seed: int = 0,
+    storage: str | None = None,
+    study: str | None = None,
+    *,
+    val_examples: int = 50,
+    test_top: int = 3,
+    progress: bool = True,
+    **options: Any,
+) -> Result:
+    """Find the prompt that scores best on held-out validation data, and test it.
+
+    The searcher's candidates are selected on the validation split; the `test_top` best are then
+    scored once on the test split, next to the task with no instruction. `budget` caps scored
+    (prompt, example) pairs plus generated tokens (None: the searcher's own schedule). With a
+    persistent `storage` (e.g. ``"sqlite:///run.db"``), a run interrupted at any moment resumes
+    from what it stored. `options` are the searcher's hyperparameters.
+    """
+    from search.base import get_searcher  # the face reaches searchers only by name
+
+    started = time.perf_counter()
+    if budget is not None and budget <= 0:
+        raise ValueError(f"budget must be a positive number of units, got {budget}")
+    if test_top <= 0:
+        raise ValueError(f"test_top must be positive, got {test_top}")
+    task = resolve_task(task_or_path, seed=seed)
+    scorer = make_evaluator(evaluator, task)
+    search = get_searcher(searcher, **options)  # bad names and options fail before the model loads
+    lm = resolve_model(model)
+
+    fingerprint = {
+        "model": lm.name,
+        "dtype": str(getattr(getattr(lm, "model", None), "dtype", "")),
+        "evaluator": repr(scorer),
+        "task": task.name,
+    }
+    study_name = study or f"{task.name}-{content_hash(fingerprint, 10)}"
+    store = TrialStore(storage, study_name, fingerprint)
+    objective = Objective(
+        task,
+        lm,
+        scorer,
+        store,
+        budget=budget,
+        seed=seed,
+        val_examples=val_examples,
+        progress=progress,
+    )
+    meta = {
+        "budget": budget,
+        "task": task.name,
+        "model": lm.name,
+        "searcher": searcher,
+        "evaluator": evaluator,
+        "options": {k: list(v) if isinstance(v, tuple) else v for k, v in options.items()},
+        "storage": storage,
+        "study": study_name,
+        "seed": seed,
+    }
+    stopped_by_budget = False
+    try:
+        search.search(objective)
+    except BudgetExhausted:
+        stopped_by_budget = True
+    except KeyboardInterrupt as interrupt:
+        objective.close()
+        result = _result(objective, meta, started, tested=0)
+        result.interrupted = True
+        raise Interrupted(result) from interrupt
+    try:
+        result = _result(objective, meta, started, tested=test_top)
+    finally:
+        objective.close()
+    result.stopped_by_budget = stopped_by_budget
+    return result
+
+
+def ranked(candidates: list[Candidate]) -> list[Candidate]:
+    """Candidates best first: those scored on the most validation examples lead, by mean score.
+
+    A mean over fewer examples is noisier, so it never outranks a fully evaluated candidate.
+    """
+    scored = [c for c in candidates if c.val]
+    return sorted(scored, key=lambda c: (-len(c.val), -c.val_score))
+
+
+def _result(objective: Objective, meta: dict[str, Any], started: float, tested: int) -> Result:
+    searched = list(objective.candidates.values())
+    order = ranked(searched)
+    reference = Prompt("")
+    test_rows: dict[str, float] = {}
+    if tested and order:
+        prompts = [c.prompt for c in order[:tested]]
+        prompts += [reference] if reference.key() not in {p.key() for p in prompts} else []
+        objective.score_evidence([reference], "val")
+        for prompt, row in zip(prompts, objective.score_evidence(prompts, "test"), strict=True):
+            test_rows[prompt.key()] = float(np.mean(row))
+    elif tested:
+        raise ValueError(
+            "nothing was scored: the budget is too small for this searcher "
+            f"(used {objective.budget.used} of {objective.budget.limit})"
+        )
+
+    def entry(c: Candidate) -> Entry:
+        return Entry.of(
+            c.prompt,
+            val_score=c.val_score if c.val else None,
+            val_examples=len(c.val),
+            test_score=test_rows.get(c.prompt.key()),
+            origin=c.origin,
+        )
+
+    leaderboard = [entry(c) for c in order]
+    ref = objective.candidates.get(reference.key())
+    return Result(
+        best=leaderboard[0] if leaderboard else None,
+        leaderboard=leaderboard,
+        budget_used=objective.budget.used,
+        budget_detail={
+            "pairs": objective.budget.pairs,
+            "tokens": objective.budget.tokens,
+            "pairs_computed": objective.computed_pairs,
+        },
+        reference=entry(ref) if ref is not None and ref.val else None,
+        timings={
+            "total_s": round(time.perf_counter() - started, 3),
+            **{f"{k}_s": round(v, 3) for k, v in objective.seconds.items()},
+        },
+        versions=_versions(),
+        **meta,
+    )
+
+
+def _versions() -> dict[str, str]:
+    found = {"python": platform.python_version()}
+    for package in ("ape-optimizer", "torch", "transformers", "optuna", "numpy"):
+        try:
+            found[package] = version(package)
+        except PackageNotFoundError:
+            continue
+    return found

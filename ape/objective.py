@@ -1,0 +1,311 @@
+"""The objective: the one door through which searchers score prompts and generate text.
+
+It owns what every searcher would otherwise repeat: the budget (a hard cap), the cache of scored
+(prompt, example) pairs and of generated text (replayed from the study, so runs resume), trial
+recording, progress bars and timings. A searcher only decides what to try next.
+
+Budget accounting is logical, not physical: a pair the run asks for costs one unit the first time
+this run asks for it, whether it was computed now or replayed from storage. So an interrupted and
+resumed run spends exactly what an uninterrupted one does and makes the same decisions.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from ape.lm import LanguageModel
+from ape.prompt import Prompt
+from ape.study import TrialStore
+from ape.task import Example, Task
+
+
+class BudgetExhausted(Exception):
+    """The budget cap is reached; what fit under it was scored and recorded."""
+
+
+@dataclass
+class Budget:
+    """Scored (prompt, example) pairs plus generated tokens, capped at `limit` (None: no cap)."""
+
+    limit: int | None = None
+    pairs: int = 0
+    tokens: int = 0
+
+    def __post_init__(self) -> None:
+        if self.limit is not None and self.limit <= 0:
+            raise ValueError(f"budget must be a positive number of units, got {self.limit}")
+
+    @property
+    def used(self) -> int:
+        return self.pairs + self.tokens
+
+    @property
+    def remaining(self) -> float:
+        return float("inf") if self.limit is None else self.limit - self.used
+
+
+@dataclass
+class Candidate:
+    """Everything the run learned about one prompt."""
+
+    prompt: Prompt
+    origin: str
+    val: dict[str, float] = field(default_factory=dict)  # example key -> score
+    test: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def val_score(self) -> float:
+        return float(np.mean(list(self.val.values()))) if self.val else float("nan")
+
+
+class Objective:
+    """Scores prompts on task examples for a searcher, within a budget, through a trial store.
+
+    `val_order` is one seeded permutation of the validation split shared by every candidate:
+    searchers take minibatches from its front in order, so candidates are compared on the same
+    examples (lower-variance comparisons) and a finished candidate's score is its mean over the
+    first `len(val)` examples of this order.
+    """
+
+    def __init__(
+        self,
+        task: Task,
+        lm: LanguageModel,
+        evaluator,
+        store: TrialStore,
+        *,
+        budget: int | None = None,
+        seed: int = 0,
+        val_examples: int = 50,
+        progress: bool = True,
+    ):
+        if val_examples <= 0:
+            raise ValueError(f"val_examples must be positive, got {val_examples}")
+        if not task.val:
+            raise ValueError(f"task {task.name!r} has no validation examples")
+        self.task = task
+        self.lm = lm
+        self.evaluator = evaluator
+        self.store = store
+        self.budget = Budget(budget)
+        self.seed = seed
+        order = np.random.default_rng(seed).permutation(len(task.val))
+        self.val_order: list[Example] = [task.val[i] for i in order]
+        self.val_examples = min(val_examples, len(task.val))
+        self.candidates: dict[str, Candidate] = {}
+        self.seconds: dict[str, float] = defaultdict(float)
+        self.computed_pairs = 0  # pairs actually run through the model (not replayed)
+        self._charged: set[tuple[str, str]] = set()
+        self._progress = progress
+        self._bar = tqdm(
+            total=budget, desc="scoring", unit="unit", disable=not progress, dynamic_ncols=True
+        )
+
+    # ----------------------------------------------------------------------- what searchers call
+    @property
+    def val_pool(self) -> list[Example]:
+        """The validation examples every finished candidate is scored on."""
+        return self.val_order[: self.val_examples]
+
+    def add_candidates(self, prompts: Sequence[Prompt], origin: str) -> None:
+        """Note where prompts came from (shown on the leaderboard) before they are scored."""
+        for prompt in prompts:
+            self.candidates.setdefault(prompt.key(), Candidate(prompt, origin))
+
+    def evaluate(
+        self, prompts: Sequence[Prompt], examples: Sequence[Example], origin: str = ""
+    ) -> np.ndarray:
+        """Scores of shape (len(prompts), len(examples)); see `evaluate_each`."""
+        return np.stack(self.evaluate_each([(p, examples) for p in prompts], origin=origin))
+
+    def evaluate_each(
+        self, requests: Sequence[tuple[Prompt, Sequence[Example]]], origin: str = ""
+    ) -> list[np.ndarray]:
+        """Each prompt's scores on its own examples (train or validation, never test).
+
+        Pairs new to this run cost one budget unit each. When the budget cannot cover all of
+        them, the ones that fit (in request order) are scored and recorded, the rest are NaN,
+        and `BudgetExhausted` is raised.
+        """
+        keyed = [_Keyed(p, list(exs)) for p, exs in requests]
+        new = list(
+            dict.fromkeys(
+                (r.key, ek)
+                for r in keyed
+                for ek in r.example_keys
+                if (r.key, ek) not in self._charged
+            )
+        )
+        allowed = len(new)
+        if self.budget.limit is not None:
+            allowed = int(min(allowed, self.budget.remaining))
+        self._charged.update(new[:allowed])
+        self.budget.pairs += allowed
+        self._bar.update(allowed)
+
+        self.add_candidates([r.prompt for r in keyed], origin)
+        self._compute(keyed, lambda pair: pair in self._charged, split="val")
+        results = []
+        for r in keyed:
+            row = np.array(
+                [
+                    self.store.scores.get((r.key, ek), np.nan)
+                    if (r.key, ek) in self._charged
+                    else np.nan
+                    for ek in r.example_keys
+                ]
+            )
+            candidate = self.candidates[r.key]
+            for ek, value in zip(r.example_keys, row, strict=True):
+                if not np.isnan(value):
+                    candidate.val[ek] = float(value)
+            results.append(row)
+        if allowed < len(new):
+            raise BudgetExhausted(f"budget of {self.budget.limit} units reached")
+        return results
+
+    def generate(
+        self,
+        prompts: Sequence[str],
+        *,
+        n: int = 1,
+        temperature: float = 0.0,
+        max_new_tokens: int = 32,
+        seed: int | None = None,
+        chat: bool = False,
+        stop: Sequence[str] | None = None,
+        lm: LanguageModel | None = None,
+        desc: str = "generating",
+    ) -> list[list[str]]:
+        """`n` completions per prompt, replayed from the study when stored.
+
+        Each prompt reserves n * max_new_tokens units before it runs and is charged the tokens it
+        actually produced. Prompts the remaining budget cannot reserve are not run: the outputs
+        returned are for a prefix of `prompts`, and `BudgetExhausted` is raised after it.
+        """
+        lm = lm or self.lm
+        settings = {
+            "model": lm.name,
+            "n": n,
+            "temperature": temperature,
+            "max_new_tokens": max_new_tokens,
+            "seed": seed,
+            "chat": chat,
+            "stop": list(stop or []),
+        }
+        affordable = len(prompts)
+        if self.budget.limit is not None:
+            affordable = min(affordable, int(self.budget.remaining // (n * max_new_tokens)))
+        stored = [self.store.generation({**settings, "prompt": p}) for p in prompts[:affordable]]
+        missing = [i for i, s in enumerate(stored) if s is None]
+        # Sequences from several prompts share a batch; ~32 at a time keeps CPU decoding efficient.
+        chunk = max(1, 32 // n)
+        with tqdm(total=len(missing), desc=desc, unit="prompt", disable=not self._progress) as bar:
+            for start in range(0, len(missing), chunk):
+                ids = missing[start : start + chunk]
+                began = time.perf_counter()
+                texts = lm.generate(
+                    [prompts[i] for i in ids],
+                    n=n,
+                    temperature=temperature,
+                    max_new_tokens=max_new_tokens,
+                    seed=seed,
+                    chat=chat,
+                    stop=stop,
+                )
+                self.seconds["generate"] += time.perf_counter() - began
+                for i, out in zip(ids, texts, strict=True):
+                    stored[i] = {"texts": out, "tokens": _token_count(lm, out, max_new_tokens)}
+                    self.store.record_generation({**settings, "prompt": prompts[i]}, stored[i])
+                bar.update(len(ids))
+        outputs = []
+        for result in stored:
+            self.budget.tokens += result["tokens"]
+            self._bar.update(result["tokens"])
+            outputs.append(list(result["texts"]))
+        if affordable < len(prompts):
+            raise BudgetExhausted(f"budget of {self.budget.limit} units reached")
+        return outputs
+
+    # ----------------------------------------------------------------------- what optimize() calls
+    def score_evidence(self, prompts: Sequence[Prompt], split: str) -> np.ndarray:
+        """Scores on the validation pool or the whole test split, outside the budget.
+
+        This is the evidence a result reports (the finalists' test scores, the no-instruction
+        reference), not search, so it costs no budget and is never shown to a searcher.
+        """
+        examples = self.val_pool if split == "val" else self.task.test
+        keyed = [_Keyed(p, examples) for p in prompts]
+        self.add_candidates(prompts, "reference")
+        self._compute(keyed, lambda pair: True, split=split)
+        rows = []
+        for r in keyed:
+            row = np.array([self.store.scores[(r.key, ek)] for ek in r.example_keys])
+            scores = dict(zip(r.example_keys, row.tolist(), strict=True))
+            target = self.candidates[r.key]
+            if split == "val":
+                target.val.update(scores)
+            else:
+                target.test = scores
+            rows.append(row)
+        return np.stack(rows) if rows else np.zeros((0, len(examples)))
+
+    def close(self) -> None:
+        self._bar.close()
+
+    # ----------------------------------------------------------------------- internals
+    def _compute(self, keyed: list[_Keyed], wanted, split: str) -> None:
+        """Run the evaluator on wanted pairs that no store holds; one call per example set."""
+        groups: dict[tuple[str, ...], list[tuple[_Keyed, list[Example]]]] = defaultdict(list)
+        for r in keyed:
+            missing = [
+                (ek, ex)
+                for ek, ex in zip(r.example_keys, r.examples, strict=True)
+                if wanted((r.key, ek)) and (r.key, ek) not in self.store.scores
+            ]
+            if missing:
+                groups[tuple(ek for ek, _ in missing)].append((r, [ex for _, ex in missing]))
+        for example_keys, members in groups.items():
+            prompts = [r.prompt for r, _ in members]
+            started = time.perf_counter()
+            grid = self.evaluator.score(self.lm, prompts, members[0][1])
+            self.seconds["score"] += time.perf_counter() - started
+            self.computed_pairs += grid.size
+            for (r, _), row in zip(members, grid, strict=True):
+                self.store.record(
+                    r.prompt,
+                    list(example_keys),
+                    row.tolist(),
+                    split=split,
+                    origin=self.candidates[r.key].origin if r.key in self.candidates else "",
+                    budget_used=self.budget.used,
+                )
+
+
+@dataclass
+class _Keyed:
+    """A prompt and its examples, with the content keys the store is indexed by."""
+
+    prompt: Prompt
+    examples: list[Example]
+    key: str = ""
+    example_keys: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.key = self.prompt.key()
+        self.example_keys = [e.key() for e in self.examples]
+
+
+def _token_count(lm: LanguageModel, texts: Sequence[str], max_new_tokens: int) -> int:
+    """Tokens produced; without a tokenizer, the reserved maximum is charged (an upper bound)."""
+    tokenizer = getattr(lm, "tokenizer", None)
+    if tokenizer is None:
+        return len(texts) * max_new_tokens
+    counts = [len(tokenizer(t, add_special_tokens=False).input_ids) for t in texts]
+    return sum(min(c, max_new_tokens) for c in counts)

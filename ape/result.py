@@ -1,0 +1,107 @@
+"""What an optimization run returns and saves: the best prompt, the leaderboard, the evidence."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ape.prompt import Prompt
+from ape.study import prompt_from_json, prompt_to_json
+
+
+@dataclass
+class Entry:
+    """One prompt on the leaderboard with its mean scores (higher is better)."""
+
+    instruction: str
+    val_score: float | None
+    val_examples: int
+    test_score: float | None = None
+    origin: str = ""
+    demos: list[list[str]] = field(default_factory=list)
+
+    @property
+    def prompt(self) -> Prompt:
+        return prompt_from_json({"instruction": self.instruction, "demos": self.demos})
+
+    def render(self, input: str) -> str:
+        """The exact text to send to the model for `input` (what the scores were measured on)."""
+        return self.prompt.render(input)
+
+    @classmethod
+    def of(cls, prompt: Prompt, **scores: Any) -> Entry:
+        return cls(**prompt_to_json(prompt), **scores)
+
+
+@dataclass
+class Result:
+    """The outcome of `ape.optimize`; `save`/`load` round-trip it through JSON."""
+
+    best: Entry | None
+    leaderboard: list[Entry]
+    budget_used: int
+    seed: int
+    reference: Entry | None = None  # the task with no instruction, scored the same way
+    budget: int | None = None
+    budget_detail: dict[str, int] = field(default_factory=dict)
+    task: str = ""
+    model: str = ""
+    searcher: str = ""
+    evaluator: str = ""
+    options: dict[str, Any] = field(default_factory=dict)
+    storage: str | None = None
+    study: str = ""
+    timings: dict[str, float] = field(default_factory=dict)
+    versions: dict[str, str] = field(default_factory=dict)
+    interrupted: bool = False
+    stopped_by_budget: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return _finite(asdict(self))
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Result:
+        data = dict(data)
+        for key in ("best", "reference"):
+            if data.get(key) is not None:
+                data[key] = Entry(**data[key])
+        data["leaderboard"] = [Entry(**e) for e in data.get("leaderboard", [])]
+        return cls(**data)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the result as JSON (atomically: a killed write never leaves half a file)."""
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_name(target.name + ".partial")
+        partial.write_text(json.dumps(self.to_json(), indent=2, ensure_ascii=False) + "\n")
+        os.replace(partial, target)
+        return target
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Result:
+        source = Path(path)
+        try:
+            data = json.loads(source.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ValueError(f"{source}: no such result file") from None
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{source}:{err.lineno}: not valid JSON ({err.msg})") from None
+        try:
+            return cls.from_json(data)
+        except (TypeError, KeyError) as err:
+            raise ValueError(f"{source}: not an ape result ({err})") from None
+
+
+def _finite(value: Any) -> Any:
+    """NaN becomes null so the file is strict JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value

@@ -1,0 +1,166 @@
+"""APE (Zhou et al. 2022, "Large Language Models Are Human-Level Prompt Engineers").
+
+1. Proposal: for each of S subsamples of D training demos, the proposal model writes P
+   instructions with APE's forward template ("... The instruction was to"), and, for chat models,
+   with the same question as a chat turn. Samples are cleaned to one sentence and de-duplicated.
+2. Evaluation: a UCB bandit (search/bandit.py) spends scoring on the promising candidates, each
+   pull on validation examples the candidate has not seen.
+3. Resampling: for R rounds, the top-k instructions are each rephrased (APE's "variation that keeps
+   the semantic meaning"), and the bandit continues over old and new candidates.
+4. The finalists are scored on the whole validation pool, and the best of them is the result.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+
+from ape.lm import LanguageModel
+from ape.objective import Objective
+from ape.prompt import Prompt
+from search.bandit import UCBBandit
+from search.base import option, positive
+from search.proposal import clean_instruction, proposal_prompt, resample_prompt, unique
+
+TEMPLATES = ("auto", "forward", "chat", "both")
+
+
+@dataclass(frozen=True)
+class APESearcher:
+    name: ClassVar[str] = "ape"
+
+    num_subsamples: int = option(5, "S: demo subsamples shown to the proposal model")
+    num_demos: int = option(5, "D: training demos per subsample")
+    num_proposals: int = option(8, "P: instructions sampled per subsample and template")
+    templates: str = option(
+        "auto", "forward, chat, both, or auto (both when the proposal model has a chat template)"
+    )
+    temperature: float = option(0.9, "sampling temperature for proposals and variations")
+    max_new_tokens: int = option(32, "longest proposal, in tokens")
+    max_chars: int = option(200, "longer cleaned instructions are dropped")
+    minibatch: int = option(5, "validation examples per bandit pull")
+    per_round: int = option(10, "candidates pulled per bandit round")
+    rounds: int = option(
+        12,
+        "bandit rounds after proposal and after each resampling round; with a budget, the "
+        "rounds are sized to fill it instead",
+    )
+    c: float = option(1.0, "UCB exploration weight, in standard deviations of the scores")
+    resample_rounds: int = option(1, "R: rounds of asking for variations of the best")
+    top_k: int = option(5, "instructions rephrased per resampling round")
+    variations: int = option(3, "variations asked per rephrased instruction and template")
+    finalists: int = option(5, "best candidates scored on the whole validation pool at the end")
+    proposal_model: str | None = option(
+        None, "model that writes the instructions (default: the model being optimized)"
+    )
+
+    def __post_init__(self) -> None:
+        positive(
+            num_subsamples=self.num_subsamples,
+            num_demos=self.num_demos,
+            num_proposals=self.num_proposals,
+            max_new_tokens=self.max_new_tokens,
+            max_chars=self.max_chars,
+            minibatch=self.minibatch,
+            per_round=self.per_round,
+            top_k=self.top_k,
+            variations=self.variations,
+            finalists=self.finalists,
+        )
+        if self.templates not in TEMPLATES:
+            raise ValueError(
+                f"templates must be one of {', '.join(TEMPLATES)}, not {self.templates!r}"
+            )
+        for name in ("rounds", "resample_rounds"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be 0 or more, got {getattr(self, name)}")
+        if self.temperature < 0 or self.c < 0:
+            raise ValueError("temperature and c must be 0 or more")
+
+    # ----------------------------------------------------------------------------- the search
+    def search(self, objective: Objective) -> None:
+        proposer = self._proposer(objective)
+        chats = self._chat_flags(proposer)
+        bandit = UCBBandit(objective, self.minibatch, self.c)
+
+        rng = np.random.default_rng(objective.seed)
+        train = objective.task.train
+        if not train:
+            raise ValueError(f"task {objective.task.name!r} has no training examples to show")
+        subsamples = [
+            [train[i] for i in rng.choice(len(train), min(self.num_demos, len(train)), False)]
+            for _ in range(self.num_subsamples)
+        ]
+        proposals = []
+        for chat in chats:
+            prompts = [proposal_prompt(demos, chat=chat) for demos in subsamples]
+            proposals += self._sample(objective, proposer, prompts, self.num_proposals, chat, 0)
+        candidates = unique(proposals)
+        if not candidates:
+            raise ValueError(
+                f"the proposal model ({proposer.name}) wrote no usable instruction in "
+                f"{len(proposals)} samples; try another --proposal-model or more proposals"
+            )
+        bandit.add([Prompt(text) for text in candidates], "proposal")
+
+        rounds = self._rounds(objective, len(chats))
+        bandit.run(rounds, self.per_round)
+        for r in range(1, self.resample_rounds + 1):
+            best = [arm.prompt.instruction for arm in bandit.top(self.top_k)]
+            variations = []
+            for chat in chats:
+                prompts = [resample_prompt(text, chat=chat) for text in best]
+                variations += self._sample(objective, proposer, prompts, self.variations, chat, r)
+            seen = [arm.prompt.instruction for arm in bandit.arms.values()]
+            bandit.add([Prompt(text) for text in unique(variations, seen)], f"resample {r}")
+            bandit.run(rounds, self.per_round)
+
+        finalists = [arm.prompt for arm in bandit.top(self.finalists)]
+        objective.evaluate(finalists, objective.val_pool)
+
+    # ----------------------------------------------------------------------------- helpers
+    def _proposer(self, objective: Objective) -> LanguageModel:
+        if self.proposal_model is None:
+            return objective.lm
+        from ape.models import load_model
+
+        return load_model(self.proposal_model)
+
+    def _chat_flags(self, proposer: LanguageModel) -> list[bool]:
+        has_chat = bool(getattr(getattr(proposer, "tokenizer", None), "chat_template", None))
+        if self.templates in ("chat", "both") and not has_chat:
+            raise ValueError(
+                f"templates={self.templates!r} needs a chat model; {proposer.name} has "
+                "no chat template"
+            )
+        if self.templates == "auto":
+            return [False, True] if has_chat else [False]
+        return {"forward": [False], "chat": [True], "both": [False, True]}[self.templates]
+
+    def _sample(self, objective, proposer, prompts, n: int, chat: bool, stage: int) -> list:
+        outputs = objective.generate(
+            prompts,
+            n=n,
+            temperature=self.temperature,
+            max_new_tokens=self.max_new_tokens,
+            seed=objective.seed * 1000 + stage,
+            chat=chat,
+            stop=["\n"],
+            lm=proposer,
+            desc=f"{'proposing' if stage == 0 else 'resampling'}{' (chat)' if chat else ''}",
+        )
+        return [clean_instruction(text, self.max_chars) for texts in outputs for text in texts]
+
+    def _rounds(self, objective: Objective, templates: int) -> int:
+        """Bandit rounds per stage: the configured number, or sized to fill a given budget."""
+        if objective.budget.limit is None:
+            return self.rounds
+        final = self.finalists * len(objective.val_pool)
+        resampling = (
+            self.resample_rounds * self.top_k * self.variations * self.max_new_tokens * templates
+        )
+        spare = objective.budget.remaining - final - resampling
+        per_stage = spare / (self.resample_rounds + 1)
+        return max(1, int(per_stage // (self.per_round * self.minibatch)))
