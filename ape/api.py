@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import platform
+import sys
 import time
+from collections.abc import Sequence
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
@@ -38,7 +40,7 @@ def optimize(
     storage: str | None = None,
     study: str | None = None,
     *,
-    val_examples: int = 50,
+    val_examples: int = 100,
     test_top: int = 3,
     progress: bool = True,
     **options: Any,
@@ -71,6 +73,12 @@ def optimize(
     }
     study_name = study or f"{task.name}-{content_hash(fingerprint, 10)}"
     store = TrialStore(storage, study_name, fingerprint)
+    if progress and (store.trials_loaded or store.generations_loaded):
+        print(
+            f"resuming study {study_name!r} from {storage}: {store.trials_loaded} scored trials "
+            f"and {store.generations_loaded} generations stored",
+            file=sys.stderr,
+        )
     objective = Objective(
         task,
         lm,
@@ -110,18 +118,31 @@ def optimize(
     return result
 
 
-def ranked(candidates: list[Candidate]) -> list[Candidate]:
+def standing(candidate: Candidate, pool: Sequence[str] | None = None) -> tuple[int, float]:
+    """(validation examples, mean score) a candidate is ranked by.
+
+    A candidate scored on the whole validation `pool` (example keys) is judged on exactly that
+    pool, so all such candidates are compared on the same examples; any other candidate on all
+    it has seen.
+    """
+    if pool and all(k in candidate.val for k in pool):
+        return len(pool), float(np.mean([candidate.val[k] for k in pool]))
+    return len(candidate.val), candidate.val_score
+
+
+def ranked(candidates: list[Candidate], pool: Sequence[str] | None = None) -> list[Candidate]:
     """Candidates best first: those scored on the most validation examples lead, by mean score.
 
     A mean over fewer examples is noisier, so it never outranks a fully evaluated candidate.
     """
     scored = [c for c in candidates if c.val]
-    return sorted(scored, key=lambda c: (-len(c.val), -c.val_score))
+    return sorted(scored, key=lambda c: tuple(-x for x in standing(c, pool)))
 
 
 def _result(objective: Objective, meta: dict[str, Any], started: float, tested: int) -> Result:
     searched = list(objective.candidates.values())
-    order = ranked(searched)
+    pool = [e.key() for e in objective.val_pool]
+    order = ranked(searched, pool)
     reference = Prompt("")
     test_rows: dict[str, float] = {}
     if tested and order:
@@ -137,10 +158,11 @@ def _result(objective: Objective, meta: dict[str, Any], started: float, tested: 
         )
 
     def entry(c: Candidate) -> Entry:
+        examples, score = standing(c, pool)
         return Entry.of(
             c.prompt,
-            val_score=c.val_score if c.val else None,
-            val_examples=len(c.val),
+            val_score=score if c.val else None,
+            val_examples=examples,
             test_score=test_rows.get(c.prompt.key()),
             origin=c.origin,
         )

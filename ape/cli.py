@@ -108,8 +108,8 @@ def _add_optimize(commands) -> None:
     optimize.add_argument(
         "--val-examples",
         type=int,
-        default=50,
-        help="validation examples the finalists are judged on (default: 50)",
+        default=100,
+        help="validation examples the finalists are judged on (default: 100)",
     )
     optimize.add_argument(
         "--test-top",

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from ape.lm import LanguageModel
 from ape.prompt import Prompt
-from ape.study import TrialStore
+from ape.study import TrialStore, content_hash
 from ape.task import Example, Task
 
 
@@ -82,7 +82,7 @@ class Objective:
         *,
         budget: int | None = None,
         seed: int = 0,
-        val_examples: int = 50,
+        val_examples: int = 100,
         progress: bool = True,
     ):
         if val_examples <= 0:
@@ -185,50 +185,53 @@ class Objective:
     ) -> list[list[str]]:
         """`n` completions per prompt, replayed from the study when stored.
 
-        Each prompt reserves n * max_new_tokens units before it runs and is charged the tokens it
-        actually produced. Prompts the remaining budget cannot reserve are not run: the outputs
-        returned are for a prefix of `prompts`, and `BudgetExhausted` is raised after it.
+        Prompts are sampled in fixed chunks of about 32 sequences (efficient CPU decoding). Each
+        chunk draws from its own seed, derived from `seed` and the chunk's text, and is stored as
+        one unit, so its samples are the same whether the run was interrupted or not. Each prompt
+        reserves n * max_new_tokens units and is charged the tokens it produced. Prompts the
+        remaining budget cannot reserve are not run: the outputs returned are for a prefix of
+        `prompts`, and `BudgetExhausted` is raised after it.
         """
         lm = lm or self.lm
-        settings = {
-            "model": lm.name,
-            "n": n,
-            "temperature": temperature,
-            "max_new_tokens": max_new_tokens,
-            "seed": seed,
-            "chat": chat,
-            "stop": list(stop or []),
-        }
         affordable = len(prompts)
         if self.budget.limit is not None:
             affordable = min(affordable, int(self.budget.remaining // (n * max_new_tokens)))
-        stored = [self.store.generation({**settings, "prompt": p}) for p in prompts[:affordable]]
-        missing = [i for i, s in enumerate(stored) if s is None]
-        # Sequences from several prompts share a batch; ~32 at a time keeps CPU decoding efficient.
-        chunk = max(1, 32 // n)
-        with tqdm(total=len(missing), desc=desc, unit="prompt", disable=not self._progress) as bar:
-            for start in range(0, len(missing), chunk):
-                ids = missing[start : start + chunk]
+        size = max(1, 32 // n)
+        chunks = [list(prompts[i : min(i + size, affordable)]) for i in range(0, affordable, size)]
+        outputs: list[list[str]] = []
+        bar = tqdm(total=affordable, desc=desc, unit="prompt", disable=not self._progress)
+        for chunk in chunks:
+            request = {
+                "model": lm.name,
+                "prompts": chunk,
+                "n": n,
+                "temperature": temperature,
+                "max_new_tokens": max_new_tokens,
+                "seed": seed,
+                "chat": chat,
+                "stop": list(stop or []),
+            }
+            stored = self.store.generation(request)
+            if stored is None:
                 began = time.perf_counter()
                 texts = lm.generate(
-                    [prompts[i] for i in ids],
+                    chunk,
                     n=n,
                     temperature=temperature,
                     max_new_tokens=max_new_tokens,
-                    seed=seed,
+                    seed=None if seed is None else int(content_hash([seed, chunk], 8), 16),
                     chat=chat,
                     stop=stop,
                 )
                 self.seconds["generate"] += time.perf_counter() - began
-                for i, out in zip(ids, texts, strict=True):
-                    stored[i] = {"texts": out, "tokens": _token_count(lm, out, max_new_tokens)}
-                    self.store.record_generation({**settings, "prompt": prompts[i]}, stored[i])
-                bar.update(len(ids))
-        outputs = []
-        for result in stored:
-            self.budget.tokens += result["tokens"]
-            self._bar.update(result["tokens"])
-            outputs.append(list(result["texts"]))
+                tokens = sum(_token_count(lm, out, max_new_tokens) for out in texts)
+                stored = {"texts": texts, "tokens": tokens}
+                self.store.record_generation(request, stored)
+            self.budget.tokens += stored["tokens"]
+            self._bar.update(stored["tokens"])
+            outputs += [list(out) for out in stored["texts"]]
+            bar.update(len(chunk))
+        bar.close()
         if affordable < len(prompts):
             raise BudgetExhausted(f"budget of {self.budget.limit} units reached")
         return outputs

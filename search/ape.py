@@ -96,25 +96,27 @@ class APESearcher:
         proposals = []
         for chat in chats:
             prompts = [proposal_prompt(demos, chat=chat) for demos in subsamples]
-            proposals += self._sample(objective, proposer, prompts, self.num_proposals, chat, 0)
-        candidates = unique(proposals)
-        if not candidates:
+            texts = self._sample(objective, proposer, prompts, self.num_proposals, chat, 0)
+            found = unique(texts, seen=proposals)
+            bandit.add([Prompt(t) for t in found], "proposal" + (" (chat)" if chat else ""))
+            proposals += found
+        if not proposals:
             raise ValueError(
                 f"the proposal model ({proposer.name}) wrote no usable instruction in "
-                f"{len(proposals)} samples; try another --proposal-model or more proposals"
+                f"{self.num_subsamples * self.num_proposals * len(chats)} samples; try another "
+                "--proposal-model or more proposals"
             )
-        bandit.add([Prompt(text) for text in candidates], "proposal")
 
         rounds = self._rounds(objective, len(chats))
         bandit.run(rounds, self.per_round)
         for r in range(1, self.resample_rounds + 1):
             best = [arm.prompt.instruction for arm in bandit.top(self.top_k)]
-            variations = []
             for chat in chats:
                 prompts = [resample_prompt(text, chat=chat) for text in best]
-                variations += self._sample(objective, proposer, prompts, self.variations, chat, r)
-            seen = [arm.prompt.instruction for arm in bandit.arms.values()]
-            bandit.add([Prompt(text) for text in unique(variations, seen)], f"resample {r}")
+                texts = self._sample(objective, proposer, prompts, self.variations, chat, r)
+                seen = [arm.prompt.instruction for arm in bandit.arms.values()]
+                origin = f"resample {r}" + (" (chat)" if chat else "")
+                bandit.add([Prompt(t) for t in unique(texts, seen)], origin)
             bandit.run(rounds, self.per_round)
 
         finalists = [arm.prompt for arm in bandit.top(self.finalists)]
@@ -145,7 +147,7 @@ class APESearcher:
             n=n,
             temperature=self.temperature,
             max_new_tokens=self.max_new_tokens,
-            seed=objective.seed * 1000 + stage,
+            seed=objective.seed,
             chat=chat,
             stop=["\n"],
             lm=proposer,

@@ -41,7 +41,8 @@ _LEAD_INS = re.compile(
     r"the (?:original )?instruction (?:was|is)(?: to)?:?\s*|the friend was (?:asked|told) to\s*)",
     re.IGNORECASE,
 )
-_SENTENCE_END = re.compile(r"(?<=[.!?])\s")
+# A sentence ends at . ! or ? and any closing quotes, before whitespace.
+_SENTENCE_END = re.compile(r"(?<=[.!?])[\"'`”’]*\s")
 _QUOTES = "\"'`“”‘’"
 
 
