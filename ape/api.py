@@ -12,14 +12,15 @@ from typing import Any
 
 import numpy as np
 
-from ape.evaluation import make_evaluator, resolve_model, resolve_task
+from ape.evaluation import evaluator_options, make_evaluator, resolve_model, resolve_task
 from ape.lm import LanguageModel
 from ape.models import DEFAULT_MODEL
 from ape.objective import BudgetExhausted, Candidate, Objective
 from ape.prompt import Prompt
 from ape.result import Entry, Result
-from ape.study import TrialStore, content_hash
+from ape.study import SPEC_ATTR, STATE_ATTR, TrialStore, content_hash
 from ape.task import Task
+from ape.worker import LocalWorkers, shared_storage
 
 
 class Interrupted(KeyboardInterrupt):
@@ -43,6 +44,7 @@ def optimize(
     val_examples: int = 100,
     test_top: int = 3,
     progress: bool = True,
+    workers: int = 0,
     **options: Any,
 ) -> Result:
     """Find the prompt that scores best on held-out validation data, and test it.
@@ -51,7 +53,9 @@ def optimize(
     scored once on the test split, next to the task with no instruction. `budget` caps scored
     (prompt, example) pairs plus generated tokens (None: the searcher's own schedule). With a
     persistent `storage` (e.g. ``"sqlite:///run.db"``), a run interrupted at any moment resumes
-    from what it stored. `options` are the searcher's hyperparameters.
+    from what it stored. With `workers` > 0, scoring goes to that many local worker processes
+    sharing `storage` (a database URL; more can join from other machines, see ape/worker.py).
+    `options` are the searcher's hyperparameters.
     """
     from search.base import get_searcher  # the face reaches searchers only by name
 
@@ -60,8 +64,13 @@ def optimize(
         raise ValueError(f"budget must be a positive number of units, got {budget}")
     if test_top <= 0:
         raise ValueError(f"test_top must be positive, got {test_top}")
+    if workers < 0:
+        raise ValueError(f"workers must be 0 or more, got {workers}")
+    if workers:
+        shared_storage(storage)
     task = resolve_task(task_or_path, seed=seed)
-    scorer = make_evaluator(evaluator, task)
+    scorer_options = evaluator_options(evaluator, task)
+    scorer = make_evaluator(evaluator, task, **scorer_options)
     search = get_searcher(searcher, **options)  # bad names and options fail before the model loads
     lm = resolve_model(model)
 
@@ -79,6 +88,19 @@ def optimize(
             f"and {store.generations_loaded} generations stored",
             file=sys.stderr,
         )
+    pool = None
+    if workers:
+        store.study.set_user_attr(
+            SPEC_ATTR,
+            {
+                "model": lm.name,
+                "dtype": fingerprint["dtype"].removeprefix("torch.") or None,
+                "evaluator": evaluator,
+                "evaluator_options": scorer_options,
+            },
+        )
+        store.study.set_user_attr(STATE_ATTR, "running")
+        pool = LocalWorkers(workers, storage, study_name, device=str(lm.device))
     objective = Objective(
         task,
         lm,
@@ -88,6 +110,7 @@ def optimize(
         seed=seed,
         val_examples=val_examples,
         progress=progress,
+        workers=pool,
     )
     meta = {
         "budget": budget,
@@ -100,20 +123,28 @@ def optimize(
         "study": study_name,
         "seed": seed,
     }
+    try:
+        result = _search(search, objective, meta, started, test_top)
+    finally:
+        objective.close()
+        if pool is not None:
+            store.study.set_user_attr(STATE_ATTR, "finished")
+            pool.stop()
+    return result
+
+
+def _search(search, objective: Objective, meta: dict[str, Any], started: float, test_top: int):
+    """Run the searcher, then test its best; Ctrl-C returns what was scored inside `Interrupted`."""
     stopped_by_budget = False
     try:
         search.search(objective)
     except BudgetExhausted:
         stopped_by_budget = True
     except KeyboardInterrupt as interrupt:
-        objective.close()
         result = _result(objective, meta, started, tested=0)
         result.interrupted = True
         raise Interrupted(result) from interrupt
-    try:
-        result = _result(objective, meta, started, tested=test_top)
-    finally:
-        objective.close()
+    result = _result(objective, meta, started, tested=test_top)
     result.stopped_by_budget = stopped_by_budget
     return result
 
@@ -173,6 +204,7 @@ def _result(objective: Objective, meta: dict[str, Any], started: float, tested: 
         best=leaderboard[0] if leaderboard else None,
         leaderboard=leaderboard,
         budget_used=objective.budget.used,
+        history=[list(point) for point in objective.history],
         budget_detail={
             "pairs": objective.budget.pairs,
             "tokens": objective.budget.tokens,

@@ -64,6 +64,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.set_defaults(run=_run_evaluate)
     _add_optimize(commands)
+    _add_bench(commands)
+    worker = commands.add_parser(
+        "worker",
+        help="score the jobs a running optimize queues in a shared study",
+        description="Join a study and score the (prompt, examples) jobs that 'ape optimize "
+        "--workers N' queues in it, until that run finishes. Start it on any machine that "
+        "reaches the database; a killed worker's jobs are retried by the others.",
+    )
+    worker.add_argument("--storage", required=True, help="the run's database URL")
+    worker.add_argument("--study", required=True, help="the run's study name")
+    worker.add_argument("--device", help="cuda, mps or cpu (default: the best available)")
+    worker.add_argument("--batch", type=int, default=16, help="jobs taken at once (default: 16)")
+    worker.add_argument(
+        "--idle-timeout",
+        type=float,
+        help="exit after this many seconds without jobs (default: wait until the run finishes)",
+    )
+    worker.add_argument("--quiet", action="store_true", help="no progress bar")
+    worker.set_defaults(run=_run_worker)
     show = commands.add_parser(
         "show", help="print a saved result", description="Print a result JSON saved by optimize."
     )
@@ -118,7 +137,15 @@ def _add_optimize(commands) -> None:
         help="best candidates scored on the test split (default: 3)",
     )
     optimize.add_argument("--top", type=int, default=10, help="leaderboard rows to print")
+    optimize.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        help="score through N local worker processes sharing --storage (a database URL); "
+        "workers on other machines join with 'ape worker' (default: 0, score in this process)",
+    )
     optimize.add_argument("--quiet", action="store_true", help="no progress bars")
+    _SEARCHER_FLAGS.clear()  # a parser built again (main() called twice) registers them anew
     for name in available_searchers():
         _add_searcher_options(optimize, name)
     optimize.set_defaults(run=_run_optimize)
@@ -138,7 +165,7 @@ def _add_searcher_options(parser: argparse.ArgumentParser, searcher: str) -> Non
             continue  # the flag exists already; it now applies to this searcher too
         kind = field_type(cls, field)
         help_text = f"{field.metadata.get('help', '')} (default: {field.default!r})"
-        if kind is tuple[str, ...]:
+        if kind == tuple[str, ...]:  # generic aliases are equal, never identical
             group.add_argument(
                 flag,
                 dest=_dest(flag),
@@ -229,6 +256,7 @@ def _run_optimize(args: argparse.Namespace) -> int:
             val_examples=args.val_examples,
             test_top=args.test_top,
             progress=not args.quiet,
+            workers=args.workers,
             **options,
         )
     except Interrupted as stop:
@@ -240,6 +268,80 @@ def _run_optimize(args: argparse.Namespace) -> int:
     path = result.save(out)
     print_result(result, top=args.top)
     print(f"\nsaved {path}")
+    return 0
+
+
+def _run_worker(args: argparse.Namespace) -> int:
+    from ape.worker import run_worker
+
+    if args.batch <= 0:
+        raise ValueError(f"--batch must be positive, got {args.batch}")
+    done = run_worker(
+        args.storage,
+        args.study,
+        batch=args.batch,
+        idle_timeout=args.idle_timeout,
+        device=args.device,
+        progress=not args.quiet,
+    )
+    if not args.quiet:
+        print(f"worker done: {done} jobs scored", file=sys.stderr)
+    return 0
+
+
+def _add_bench(commands) -> None:
+    bench = commands.add_parser(
+        "bench",
+        help="compare searchers on tasks and seeds at an equal budget",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="""\
+Run every searcher on every task with every seed at the same budget, loading
+the model once, then write a summary table (mean ± std across seeds, per-task
+wins) and plots of the best validation score against budget spent.
+
+CONFIG is a JSON file (or TOML, *.toml) with the keys:
+  tasks         task paths or bundled task names (required); relative paths are
+                taken from the config's folder when they exist there, else from
+                the working directory
+  searchers     names, or {"name": ..., "options": {...}, "label": ...}
+                (required; a searcher listed twice needs distinct labels)
+  budget        units per run: scored pairs + generated tokens (required, > 0)
+  seeds         list of seeds (default: [0])
+  model         default: smollm2-135m;  evaluator: default loglik
+  out           output folder (default: <config name>-results beside the config)
+  storage       Optuna storage URL (default: sqlite:///OUT/studies.db)
+  val_examples, test_top, device, dtype: as for 'ape optimize'
+
+Writes OUT/runs/TASK-SEARCHER-seedSEED.json (one result per run), OUT/summary.md,
+OUT/summary.json and OUT/plots/TASK.png (plots need matplotlib: the 'plot'
+extra). A run whose result exists is skipped, so after Ctrl-C (exit 130) the
+same command continues; a run cut off midway resumes from the storage.""",
+    )
+    bench.add_argument(
+        "config", metavar="CONFIG", help="the bench config file (JSON, or TOML ending in .toml)"
+    )
+    bench.add_argument("--quiet", action="store_true", help="no progress bars or per-run lines")
+    bench.set_defaults(run=_run_bench)
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    from ape.bench import load_config, run_bench
+
+    config = load_config(args.config)
+    try:
+        summary = run_bench(config, progress=not args.quiet)
+    except KeyboardInterrupt:
+        print(
+            f"ape: interrupted; finished runs are saved in {config.out / 'runs'}; run the same "
+            "command again to continue",
+            file=sys.stderr,
+        )
+        return 130
+    print()
+    print(summary.markdown, end="")
+    print()
+    for path in summary.files:
+        print(f"saved {path}")
     return 0
 
 

@@ -25,15 +25,20 @@ def resolve_model(model: LanguageModel | str | os.PathLike = DEFAULT_MODEL) -> L
     return model if isinstance(model, LanguageModel) else load_model(model)
 
 
-def make_evaluator(name: str, task: Task, **options: Any):
-    """The named evaluator, with the task's metric and labels filled in where it takes them."""
-    from evaluators.base import get_evaluator  # the face reaches evaluators only by name
-
+def evaluator_options(name: str, task: Task, **options: Any) -> dict[str, Any]:
+    """`options` with the task's metric and labels filled in where evaluator `name` takes them."""
     if name == "generation":
         options.setdefault("metric", task.metric)
     if name == "choice":
         options.setdefault("labels", task.labels or task.distinct_outputs())
-    return get_evaluator(name, **options)
+    return options
+
+
+def make_evaluator(name: str, task: Task, **options: Any):
+    """The named evaluator, with the task's metric and labels filled in where it takes them."""
+    from evaluators.base import get_evaluator  # the face reaches evaluators only by name
+
+    return get_evaluator(name, **evaluator_options(name, task, **options))
 
 
 def evaluate(

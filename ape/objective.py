@@ -84,6 +84,7 @@ class Objective:
         seed: int = 0,
         val_examples: int = 100,
         progress: bool = True,
+        workers=None,
     ):
         if val_examples <= 0:
             raise ValueError(f"val_examples must be positive, got {val_examples}")
@@ -93,6 +94,7 @@ class Objective:
         self.lm = lm
         self.evaluator = evaluator
         self.store = store
+        self.workers = workers  # None: score here; else pairs go to workers as queued jobs
         self.budget = Budget(budget)
         self.seed = seed
         order = np.random.default_rng(seed).permutation(len(task.val))
@@ -102,6 +104,11 @@ class Objective:
         self.seconds: dict[str, float] = defaultdict(float)
         self.computed_pairs = 0  # pairs actually run through the model (not replayed)
         self._charged: set[tuple[str, str]] = set()
+        # [budget used, best validation score so far] after each scoring call (see _note_best)
+        self.history: list[list[float]] = []
+        self._pool_keys = [e.key() for e in self.val_pool]
+        self._full_best = float("-inf")  # best mean on the whole pool among complete candidates
+        self._partial: dict[str, float] = {}  # mean so far of candidates not yet complete
         self._progress = progress
         self._bar = tqdm(
             total=budget, desc="scoring", unit="unit", disable=not progress, dynamic_ncols=True
@@ -166,6 +173,7 @@ class Objective:
                 if not np.isnan(value):
                     candidate.val[ek] = float(value)
             results.append(row)
+        self._note_best(keyed)
         if allowed < len(new):
             raise BudgetExhausted(f"budget of {self.budget.limit} units reached")
         return results
@@ -259,36 +267,105 @@ class Objective:
             rows.append(row)
         return np.stack(rows) if rows else np.zeros((0, len(examples)))
 
+    def _note_best(self, keyed: list[_Keyed]) -> None:
+        """Append [budget used, best validation score so far] to `history` (score-vs-budget).
+
+        The score is the best mean on the whole validation pool among candidates scored on all of
+        it (how results are ranked, so the curve ends at the result's best validation score);
+        before any candidate is complete, the best mean of any candidate over the examples it has
+        seen (noisier). Only the candidates this call scored are looked at, so it is cheap; a
+        resumed run replays the same calls and so rebuilds the same history.
+        """
+        pool = set(self._pool_keys)
+        for key in dict.fromkeys(r.key for r in keyed):
+            val = self.candidates[key].val
+            if not val:
+                continue
+            if pool <= val.keys():
+                self._partial.pop(key, None)
+                mean = float(np.mean([val[k] for k in self._pool_keys]))
+                self._full_best = max(self._full_best, mean)
+            else:
+                self._partial[key] = float(np.mean(list(val.values())))
+        if self._full_best > float("-inf"):
+            best = self._full_best
+        elif self._partial:
+            best = max(self._partial.values())
+        else:
+            return
+        point = [self.budget.used, best]
+        if self.history and self.history[-1][0] == point[0]:
+            self.history[-1] = point  # nothing spent since: the newer best replaces the point
+        elif not self.history or self.history[-1][1] != best:
+            self.history.append(point)
+
     def close(self) -> None:
         self._bar.close()
 
     # ----------------------------------------------------------------------- internals
     def _compute(self, keyed: list[_Keyed], wanted, split: str) -> None:
-        """Run the evaluator on wanted pairs that no store holds; one call per example set."""
-        groups: dict[tuple[str, ...], list[tuple[_Keyed, list[Example]]]] = defaultdict(list)
+        """Score wanted pairs that no store holds: here, or through workers when there are some."""
+        todo = []
         for r in keyed:
             missing = [
-                (ek, ex)
+                ex
                 for ek, ex in zip(r.example_keys, r.examples, strict=True)
                 if wanted((r.key, ek)) and (r.key, ek) not in self.store.scores
             ]
             if missing:
-                groups[tuple(ek for ek, _ in missing)].append((r, [ex for _, ex in missing]))
-        for example_keys, members in groups.items():
-            prompts = [r.prompt for r, _ in members]
-            started = time.perf_counter()
-            grid = self.evaluator.score(self.lm, prompts, members[0][1])
-            self.seconds["score"] += time.perf_counter() - started
-            self.computed_pairs += grid.size
-            for (r, _), row in zip(members, grid, strict=True):
+                todo.append((r.prompt, missing))
+        if not todo:
+            return
+        started = time.perf_counter()
+        if self.workers is not None:
+            self._dispatch(todo, split)
+        else:
+            for (prompt, examples), row in zip(
+                todo, score_grouped(self.evaluator, self.lm, todo), strict=True
+            ):
                 self.store.record(
-                    r.prompt,
-                    list(example_keys),
-                    row.tolist(),
-                    split=split,
-                    origin=self.candidates[r.key].origin if r.key in self.candidates else "",
-                    budget_used=self.budget.used,
+                    prompt, [e.key() for e in examples], row.tolist(), **self._attrs(prompt, split)
                 )
+        self.seconds["score"] += time.perf_counter() - started
+        self.computed_pairs += sum(len(examples) for _, examples in todo)
+
+    def _dispatch(self, todo: list[tuple[Prompt, list[Example]]], split: str) -> None:
+        """Queue the pairs no job covers yet, then wait for every job that covers them."""
+        jobs = set()
+        for prompt, examples in todo:
+            key = prompt.key()
+            queued = {
+                self.store.pending[(key, e.key())]
+                for e in examples
+                if (key, e.key()) in self.store.pending
+            }
+            fresh = [e for e in examples if (key, e.key()) not in self.store.pending]
+            jobs |= queued
+            if fresh:
+                jobs.add(self.store.submit(prompt, fresh, **self._attrs(prompt, split)))
+        self.store.wait(jobs, check=self.workers.check)
+
+    def _attrs(self, prompt: Prompt, split: str) -> dict:
+        """What a trial records beside its scores."""
+        candidate = self.candidates.get(prompt.key())
+        return {
+            "split": split,
+            "origin": candidate.origin if candidate else "",
+            "budget_used": self.budget.used,
+        }
+
+
+def score_grouped(evaluator, lm: LanguageModel, todo) -> list[np.ndarray]:
+    """Scores per (prompt, examples) item; items on the same examples share an evaluator call."""
+    groups: dict[tuple[str, ...], list[int]] = defaultdict(list)
+    for i, (_, examples) in enumerate(todo):
+        groups[tuple(e.key() for e in examples)].append(i)
+    rows: list[np.ndarray] = [np.empty(0)] * len(todo)
+    for members in groups.values():
+        grid = evaluator.score(lm, [todo[i][0] for i in members], todo[members[0]][1])
+        for i, row in zip(members, grid, strict=True):
+            rows[i] = np.asarray(row, dtype=np.float64)
+    return rows
 
 
 @dataclass

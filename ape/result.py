@@ -59,6 +59,9 @@ class Result:
     versions: dict[str, str] = field(default_factory=dict)
     interrupted: bool = False
     stopped_by_budget: bool = False
+    # [budget used, best validation score so far] as the search went (see Objective._note_best);
+    # empty in results saved before it was recorded
+    history: list[list[float]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return _finite(asdict(self))

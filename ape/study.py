@@ -15,15 +15,23 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import optuna
+from optuna.trial import TrialState
 
 from ape.prompt import Prompt
+from ape.task import Example
 
 FINGERPRINT_ATTR = "ape_fingerprint"
+SPEC_ATTR = "ape_worker_spec"  # what a worker needs to score jobs: model, dtype, evaluator
+STATE_ATTR = "ape_state"  # "running" while a coordinator dispatches jobs, then "finished"
+HEARTBEAT_SECONDS = 2
+GRACE_SECONDS = 10
 _GENERATION_PREFIX = "generation:"
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -43,13 +51,52 @@ def open_storage(storage: str | None) -> optuna.storages.BaseStorage:
         Path(storage).parent.mkdir(parents=True, exist_ok=True)
         backend = optuna.storages.journal.JournalFileBackend(storage)
         return optuna.storages.JournalStorage(backend)
-    if storage.startswith("sqlite:///"):
+    sqlite = storage.startswith("sqlite:///")
+    if sqlite:
         # SQLite will not create the folder the database file lives in.
         Path(storage.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     try:
-        return optuna.storages.RDBStorage(storage)
+        rdb = optuna.storages.RDBStorage(
+            storage,
+            engine_kwargs={"connect_args": {"timeout": 60}} if sqlite else None,
+            # Workers beat while they hold a job; a job whose worker stopped beating for
+            # GRACE_SECONDS is failed and re-queued (see ape/worker.py).
+            heartbeat_interval=HEARTBEAT_SECONDS,
+            grace_period=GRACE_SECONDS,
+            heartbeat_stale_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=None),
+        )
     except Exception as err:  # SQLAlchemy raises many types for a bad URL or driver
         raise ValueError(f"cannot open storage {storage!r}: {err}") from err
+    if sqlite:
+        _serialize_sqlite(rdb.engine)
+    return rdb
+
+
+def requeue_stale_jobs(study: optuna.Study) -> None:
+    """Fail jobs whose worker stopped beating; the storage's callback queues them again."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+
+
+def _serialize_sqlite(engine) -> None:
+    """Make every SQLite transaction take the write lock up front (BEGIN IMMEDIATE).
+
+    Python's sqlite3 driver otherwise opens a transaction only at the first write, after the
+    read, so two workers could both read a job as waiting and both claim it. PostgreSQL and MySQL
+    lock the row (SELECT ... FOR UPDATE) and need nothing.
+    """
+    import sqlalchemy
+
+    @sqlalchemy.event.listens_for(engine, "connect")
+    def _no_implicit_transactions(connection, _record) -> None:
+        connection.isolation_level = None
+
+    @sqlalchemy.event.listens_for(engine, "begin")
+    def _begin_immediate(connection) -> None:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    engine.dispose()  # pooled connections were opened before the hooks
 
 
 class TrialStore:
@@ -78,19 +125,36 @@ class TrialStore:
             )
         self.scores: dict[tuple[str, str], float] = {}
         self.trials_loaded = 0
-        for trial in self.study.get_trials(
-            deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)
-        ):
-            attrs = trial.user_attrs
-            if "prompt" not in attrs:
-                continue  # a trial some other tool put in this study
-            prompt_key = prompt_key_of(attrs["prompt"])
-            for example, score in zip(attrs["examples"], attrs["scores"], strict=True):
-                self.scores[(prompt_key, example)] = float(score)
-            self.trials_loaded += 1
+        self.pending: dict[tuple[str, str], str] = {}  # pair -> job id of a queued job
+        self._collected: set[str] = set()
+        for trial in self.study.get_trials(deepcopy=False):
+            if trial.state == TrialState.COMPLETE:
+                self.trials_loaded += self._absorb(trial)
+            elif trial.state in (TrialState.WAITING, TrialState.RUNNING):
+                self._note_pending(trial)
         self.generations_loaded = sum(
             1 for key in self.study.user_attrs if key.startswith(_GENERATION_PREFIX)
         )
+
+    def _absorb(self, trial: optuna.trial.FrozenTrial) -> int:
+        """Take a completed trial's scores into the cache; 1 if it was one of ours."""
+        attrs = trial.user_attrs
+        if "prompt" not in attrs or "scores" not in attrs:
+            return 0  # a trial some other tool put in this study
+        prompt_key = prompt_key_of(attrs["prompt"])
+        for example, score in zip(attrs["examples"], attrs["scores"], strict=True):
+            self.scores[(prompt_key, example)] = float(score)
+            self.pending.pop((prompt_key, example), None)
+        if "job_id" in attrs:
+            self._collected.add(attrs["job_id"])
+        return 1
+
+    def _note_pending(self, trial: optuna.trial.FrozenTrial) -> None:
+        attrs = trial.user_attrs
+        if "job_id" in attrs and "prompt" in attrs:
+            prompt_key = prompt_key_of(attrs["prompt"])
+            for example in attrs["examples"]:
+                self.pending[(prompt_key, example)] = attrs["job_id"]
 
     def record(
         self,
@@ -116,6 +180,50 @@ class TrialStore:
         for example, score in zip(examples, values, strict=True):
             self.scores[(key, example)] = score
 
+    # ------------------------------------------------------------------ jobs for workers
+    def submit(self, prompt: Prompt, examples: Sequence[Example], **attrs: Any) -> str:
+        """Queue `prompt` on `examples` as a waiting trial for a worker (see ape/worker.py).
+
+        The job carries the examples' text, so a worker needs no copy of the task.
+        """
+        keys = [e.key() for e in examples]
+        job_id = content_hash([prompt.key(), keys], 20)
+        trial = optuna.trial.create_trial(
+            state=TrialState.WAITING,
+            user_attrs={
+                "prompt": prompt_to_json(prompt),
+                "examples": keys,
+                "job": [[e.input, e.output, list(e.answers)] for e in examples],
+                "job_id": job_id,
+                **attrs,
+            },
+        )
+        self.study.add_trial(trial)
+        for key in keys:
+            self.pending[(prompt.key(), key)] = job_id
+        return job_id
+
+    def wait(self, job_ids: set[str], poll: float = 0.5, check=None) -> None:
+        """Block until every job in `job_ids` is complete, taking in the scores as they land.
+
+        While waiting it also fails and re-queues jobs whose worker stopped beating (killed),
+        and calls `check()` so a caller can raise if its workers are gone.
+        """
+        remaining = set(job_ids) - self._collected
+        storage, study_id = self.study._storage, self.study._study_id
+        while remaining:
+            requeue_stale_jobs(self.study)
+            for trial in storage.get_all_trials(
+                study_id, deepcopy=False, states=(TrialState.COMPLETE,)
+            ):
+                if trial.user_attrs.get("job_id") in remaining:
+                    self._absorb(trial)
+                    remaining.discard(trial.user_attrs["job_id"])
+            if remaining:
+                if check is not None:
+                    check()
+                time.sleep(poll)
+
     def generation(self, request: dict[str, Any]) -> dict[str, Any] | None:
         """A stored generation result for `request`, or None."""
         return self.study.user_attrs.get(_GENERATION_PREFIX + content_hash(request, 24))
@@ -129,8 +237,6 @@ def prompt_to_json(prompt: Prompt) -> dict[str, Any]:
 
 
 def prompt_from_json(data: dict[str, Any]) -> Prompt:
-    from ape.task import Example
-
     demos = tuple(Example(i, o) for i, o in data.get("demos", []))
     return Prompt(data["instruction"], demos)
 

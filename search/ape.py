@@ -15,16 +15,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-import numpy as np
-
 from ape.lm import LanguageModel
 from ape.objective import Objective
 from ape.prompt import Prompt
 from search.bandit import UCBBandit
 from search.base import option, positive
-from search.proposal import clean_instruction, proposal_prompt, resample_prompt, unique
-
-TEMPLATES = ("auto", "forward", "chat", "both")
+from search.proposal import (
+    TEMPLATES,
+    chat_flags,
+    propose,
+    proposer_model,
+    resample_prompt,
+    sample_instructions,
+    unique,
+)
 
 
 @dataclass(frozen=True)
@@ -85,27 +89,19 @@ class APESearcher:
         chats = self._chat_flags(proposer)
         bandit = UCBBandit(objective, self.minibatch, self.c)
 
-        rng = np.random.default_rng(objective.seed)
-        train = objective.task.train
-        if not train:
-            raise ValueError(f"task {objective.task.name!r} has no training examples to show")
-        subsamples = [
-            [train[i] for i in rng.choice(len(train), min(self.num_demos, len(train)), False)]
-            for _ in range(self.num_subsamples)
-        ]
-        proposals = []
-        for chat in chats:
-            prompts = [proposal_prompt(demos, chat=chat) for demos in subsamples]
-            texts = self._sample(objective, proposer, prompts, self.num_proposals, chat, 0)
-            found = unique(texts, seen=proposals)
-            bandit.add([Prompt(t) for t in found], "proposal" + (" (chat)" if chat else ""))
-            proposals += found
-        if not proposals:
-            raise ValueError(
-                f"the proposal model ({proposer.name}) wrote no usable instruction in "
-                f"{self.num_subsamples * self.num_proposals * len(chats)} samples; try another "
-                "--proposal-model or more proposals"
-            )
+        steps = propose(
+            objective,
+            proposer,
+            chats,
+            num_subsamples=self.num_subsamples,
+            num_demos=self.num_demos,
+            num_proposals=self.num_proposals,
+            temperature=self.temperature,
+            max_new_tokens=self.max_new_tokens,
+            max_chars=self.max_chars,
+        )
+        for origin, found in steps:  # one step per template
+            bandit.add([Prompt(t) for t in found], origin)
 
         rounds = self._rounds(objective, len(chats))
         bandit.run(rounds, self.per_round)
@@ -124,36 +120,23 @@ class APESearcher:
 
     # ----------------------------------------------------------------------------- helpers
     def _proposer(self, objective: Objective) -> LanguageModel:
-        if self.proposal_model is None:
-            return objective.lm
-        from ape.models import load_model
-
-        return load_model(self.proposal_model)
+        return proposer_model(objective, self.proposal_model)
 
     def _chat_flags(self, proposer: LanguageModel) -> list[bool]:
-        has_chat = bool(getattr(getattr(proposer, "tokenizer", None), "chat_template", None))
-        if self.templates in ("chat", "both") and not has_chat:
-            raise ValueError(
-                f"templates={self.templates!r} needs a chat model; {proposer.name} has "
-                "no chat template"
-            )
-        if self.templates == "auto":
-            return [False, True] if has_chat else [False]
-        return {"forward": [False], "chat": [True], "both": [False, True]}[self.templates]
+        return chat_flags(self.templates, proposer)
 
     def _sample(self, objective, proposer, prompts, n: int, chat: bool, stage: int) -> list:
-        outputs = objective.generate(
+        return sample_instructions(
+            objective,
+            proposer,
             prompts,
             n=n,
+            chat=chat,
             temperature=self.temperature,
             max_new_tokens=self.max_new_tokens,
-            seed=objective.seed,
-            chat=chat,
-            stop=["\n"],
-            lm=proposer,
-            desc=f"{'proposing' if stage == 0 else 'resampling'}{' (chat)' if chat else ''}",
+            max_chars=self.max_chars,
+            desc="proposing" if stage == 0 else "resampling",
         )
-        return [clean_instruction(text, self.max_chars) for texts in outputs for text in texts]
 
     def _rounds(self, objective: Objective, templates: int) -> int:
         """Bandit rounds per stage: the configured number, or sized to fill a given budget."""

@@ -1,14 +1,23 @@
 """Instruction proposal: APE's templates for asking an LM what instruction produced some demos,
-and for asking it to rephrase an instruction, plus the cleaning that turns raw samples into
-candidates.
+and for asking it to rephrase an instruction, the cleaning that turns raw samples into
+candidates, and the proposal step itself (`propose`), shared by the APE and TPE searchers.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
 
 from ape.task import Example
+
+if TYPE_CHECKING:
+    from ape.lm import LanguageModel
+    from ape.objective import Objective
+
+TEMPLATES = ("auto", "forward", "chat", "both")
 
 # APE's forward-generation template (Zhou et al. 2022): the model completes the instruction.
 FORWARD_TEMPLATE = (
@@ -96,3 +105,105 @@ def unique(instructions: Iterable[str | None], seen: Iterable[str] = ()) -> list
 
 def _normal(text: str) -> str:
     return " ".join(text.lower().split()).rstrip(".")
+
+
+# ------------------------------------------------------------------------------ the proposal step
+def proposer_model(objective: Objective, name: str | None) -> LanguageModel:
+    """The model that writes instructions: `name` loaded, or the model being optimized."""
+    if name is None:
+        return objective.lm
+    from ape.models import load_model
+
+    return load_model(name)
+
+
+def chat_flags(templates: str, proposer: LanguageModel) -> list[bool]:
+    """Which templates to ask with (False: forward completion, True: a chat turn)."""
+    has_chat = bool(getattr(getattr(proposer, "tokenizer", None), "chat_template", None))
+    if templates in ("chat", "both") and not has_chat:
+        raise ValueError(
+            f"templates={templates!r} needs a chat model; {proposer.name} has no chat template"
+        )
+    if templates == "auto":
+        return [False, True] if has_chat else [False]
+    return {"forward": [False], "chat": [True], "both": [False, True]}[templates]
+
+
+def sample_instructions(
+    objective: Objective,
+    proposer: LanguageModel,
+    prompts: Sequence[str],
+    *,
+    n: int,
+    chat: bool,
+    temperature: float,
+    max_new_tokens: int,
+    max_chars: int,
+    desc: str,
+) -> list[str | None]:
+    """`n` cleaned samples per prompt (None where unusable), through the objective's budget."""
+    outputs = objective.generate(
+        prompts,
+        n=n,
+        temperature=temperature,
+        max_new_tokens=max_new_tokens,
+        seed=objective.seed,
+        chat=chat,
+        stop=["\n"],
+        lm=proposer,
+        desc=desc + (" (chat)" if chat else ""),
+    )
+    return [clean_instruction(text, max_chars) for texts in outputs for text in texts]
+
+
+def propose(
+    objective: Objective,
+    proposer: LanguageModel,
+    chats: Sequence[bool],
+    *,
+    num_subsamples: int,
+    num_demos: int,
+    num_proposals: int,
+    temperature: float,
+    max_new_tokens: int,
+    max_chars: int,
+) -> Iterator[tuple[str, list[str]]]:
+    """APE's proposal step: yields (origin, new instructions) once per template in `chats`.
+
+    The subsamples of `num_demos` training demos are drawn with `objective.seed`; each is shown
+    to the proposer, which samples `num_proposals` instructions per template. Instructions are
+    cleaned and de-duplicated across templates. It is a generator so that a caller can take
+    each template's instructions before the next template is sampled (a budget stop in between
+    keeps what came first). Raises ValueError after the last template if nothing was usable.
+    """
+    rng = np.random.default_rng(objective.seed)
+    train = objective.task.train
+    if not train:
+        raise ValueError(f"task {objective.task.name!r} has no training examples to show")
+    subsamples = [
+        [train[i] for i in rng.choice(len(train), min(num_demos, len(train)), False)]
+        for _ in range(num_subsamples)
+    ]
+    proposals: list[str] = []
+    for chat in chats:
+        prompts = [proposal_prompt(demos, chat=chat) for demos in subsamples]
+        texts = sample_instructions(
+            objective,
+            proposer,
+            prompts,
+            n=num_proposals,
+            chat=chat,
+            temperature=temperature,
+            max_new_tokens=max_new_tokens,
+            max_chars=max_chars,
+            desc="proposing",
+        )
+        found = unique(texts, seen=proposals)
+        proposals += found
+        yield "proposal" + (" (chat)" if chat else ""), list(found)
+    if not proposals:
+        raise ValueError(
+            f"the proposal model ({proposer.name}) wrote no usable instruction in "
+            f"{num_subsamples * num_proposals * len(chats)} samples; try another "
+            "--proposal-model or more proposals"
+        )

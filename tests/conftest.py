@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import transformers
@@ -32,3 +34,42 @@ def tiny_lm(tokenizer) -> HFLanguageModel:
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(config).eval()
     return HFLanguageModel(model, tokenizer, name="tiny")
+
+
+# Forty short words; the synthetic task maps each to its reverse.
+WORDS = (
+    "apple river stone cloud green table light music paper house water bread chair plant night "
+    "dream smile ocean horse sugar glass train money heart earth tiger lemon piano candle forest "
+    "silver garden window rocket button pencil castle butter letter island"
+).split()
+
+
+def write_task_file(path, words=WORDS):
+    """A JSONL task (word -> reversed word) at `path`; returns the path."""
+    path.write_text("".join(json.dumps({"input": w, "output": w[::-1]}) + "\n" for w in words))
+    return path
+
+
+@pytest.fixture(scope="session")
+def task_file(tmp_path_factory):
+    """A 40-row synthetic task file (15 train, 15 val, 10 test rows); tests only read it."""
+    return write_task_file(tmp_path_factory.mktemp("task") / "words.jsonl")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tiny_lm, tmp_path_factory):
+    """`tiny_lm` saved as a safetensors model directory, loadable with --model DIR."""
+    directory = tmp_path_factory.mktemp("models") / "tiny-model"
+    tiny_lm.model.save_pretrained(directory, safe_serialization=True)
+    tiny_lm.tokenizer.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture
+def single_thread():
+    """Run torch on one thread for the test: the tiny model gains nothing from more, and on a
+    busy machine the threads' spin-waits make generation ten times slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
