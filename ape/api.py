@@ -216,6 +216,8 @@ def _result(objective: Objective, meta: dict[str, Any], started: float, tested: 
             **{f"{k}_s": round(v, 3) for k, v in objective.seconds.items()},
         },
         versions=_versions(),
+        extras=dict(objective.extras),
+        artifacts=dict(objective.artifacts),
         **meta,
     )
 

@@ -15,12 +15,14 @@ import time
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
 
 from ape.lm import LanguageModel
 from ape.prompt import Prompt
+from ape.result import Artifact
 from ape.study import TrialStore, content_hash
 from ape.task import Example, Task
 
@@ -106,6 +108,9 @@ class Objective:
         self._charged: set[tuple[str, str]] = set()
         # [budget used, best validation score so far] after each scoring call (see _note_best)
         self.history: list[list[float]] = []
+        # What a searcher hands to the result beside its prompts (see ape.result.Result)
+        self.extras: dict[str, Any] = {}  # JSON-serialisable, e.g. a training curve
+        self.artifacts: dict[str, Artifact] = {}  # saved as files next to the result
         self._pool_keys = [e.key() for e in self.val_pool]
         self._full_best = float("-inf")  # best mean on the whole pool among complete candidates
         self._partial: dict[str, float] = {}  # mean so far of candidates not yet complete

@@ -7,7 +7,7 @@ import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 from ape.prompt import Prompt
 from ape.study import prompt_from_json, prompt_to_json
@@ -37,6 +37,16 @@ class Entry:
         return cls(**prompt_to_json(prompt), **scores)
 
 
+@runtime_checkable
+class Artifact(Protocol):
+    """Something a searcher produced beside its prompts (weights, a soft prompt) that is saved as
+    files next to the result JSON."""
+
+    def save(self, directory: Path) -> None:
+        """Write the artifact's files into `directory` (created by the caller)."""
+        ...
+
+
 @dataclass
 class Result:
     """The outcome of `ape.optimize`; `save`/`load` round-trip it through JSON."""
@@ -62,9 +72,17 @@ class Result:
     # [budget used, best validation score so far] as the search went (see Objective._note_best);
     # empty in results saved before it was recorded
     history: list[list[float]] = field(default_factory=list)
+    # JSON-serialisable extras a searcher reports (e.g. a training curve), by name
+    extras: dict[str, Any] = field(default_factory=dict)
+    # name -> folder of a saved artifact, relative to the result file (filled by `save`)
+    files: dict[str, str] = field(default_factory=dict)
+    # artifacts not yet saved; `save` writes them and records them in `files`
+    artifacts: dict[str, Artifact] = field(default_factory=dict, repr=False)
 
     def to_json(self) -> dict[str, Any]:
-        return _finite(asdict(self))
+        data = asdict(self)  # artifacts are objects, not data: they are saved as files
+        data.pop("artifacts")
+        return _finite(data)
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Result:
@@ -79,10 +97,21 @@ class Result:
         """Write the result as JSON (atomically: a killed write never leaves half a file)."""
         target = Path(path)
         target.parent.mkdir(parents=True, exist_ok=True)
+        for name, artifact in self.artifacts.items():
+            folder = target.parent / f"{target.stem}.files" / name
+            folder.mkdir(parents=True, exist_ok=True)
+            artifact.save(folder)
+            self.files[name] = str(folder.relative_to(target.parent))
         partial = target.with_name(target.name + ".partial")
         partial.write_text(json.dumps(self.to_json(), indent=2, ensure_ascii=False) + "\n")
         os.replace(partial, target)
         return target
+
+    def file(self, name: str, result_path: str | os.PathLike) -> Path:
+        """The folder of saved artifact `name` of the result stored at `result_path`."""
+        if name not in self.files:
+            raise KeyError(f"the result has no saved {name!r}; it has: {sorted(self.files)}")
+        return Path(result_path).parent / self.files[name]
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Result:

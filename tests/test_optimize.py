@@ -133,6 +133,28 @@ def test_nan_scores_are_saved_as_null(tmp_path):
     assert Result.load(path).best.val_score is None
 
 
+class _Weights:
+    def __init__(self, text: str):
+        self.text = text
+
+    def save(self, directory):
+        (directory / "weights.txt").write_text(self.text)
+
+
+def test_artifacts_are_saved_beside_the_result_and_found_again(tmp_path):
+    entry = ape.Entry("i", val_score=1.0, val_examples=1)
+    result = Result(best=entry, leaderboard=[entry], budget_used=1, seed=0)
+    result.artifacts["policy"] = _Weights("w")
+    result.extras["curve"] = [[1, 0.5], [2, 0.75]]
+    path = result.save(tmp_path / "run.json")
+    loaded = Result.load(path)
+    assert loaded.extras["curve"] == [[1, 0.5], [2, 0.75]]
+    assert (loaded.file("policy", path) / "weights.txt").read_text() == "w"
+    assert loaded.file("policy", path).parent.name == "run.files"
+    with pytest.raises(KeyError, match="no saved 'soft'"):
+        loaded.file("soft", path)
+
+
 def test_load_explains_a_bad_file(tmp_path):
     with pytest.raises(ValueError, match="no such result file"):
         Result.load(tmp_path / "missing.json")
