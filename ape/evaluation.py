@@ -31,6 +31,8 @@ def evaluator_options(name: str, task: Task, **options: Any) -> dict[str, Any]:
         options.setdefault("metric", task.metric)
     if name == "choice":
         options.setdefault("labels", task.labels or task.distinct_outputs())
+        if task.verbalizers:
+            options.setdefault("verbalizers", dict(task.verbalizers))
     return options
 
 

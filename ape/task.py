@@ -64,6 +64,8 @@ class Task:
     metric: str = "em"
     human_instructions: list[str] = field(default_factory=list)
     labels: list[str] = field(default_factory=list)
+    # label -> the word scored for it by the `choice` evaluator (default: the label itself)
+    verbalizers: dict[str, str] = field(default_factory=dict)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -295,12 +297,14 @@ def _read_meta(path: Path) -> dict[str, Any]:
         raise TaskError(f"{path}: expected a JSON object, got {_type_name(meta)}")
     fields: dict[str, Any] = {}
     if "metric" in meta:
-        if meta["metric"] not in METRICS:
+        # A metric may carry a description after its name: "accuracy (exact match of ...)".
+        metric = meta["metric"].split(" (", 1)[0] if isinstance(meta["metric"], str) else None
+        if metric not in METRICS:
             raise TaskError(
                 f"{path}: field 'metric' must be one of {', '.join(METRICS)}, "
                 f"got {meta['metric']!r}"
             )
-        fields["metric"] = meta["metric"]
+        fields["metric"] = metric
     if "task" in meta:
         if not isinstance(meta["task"], str) or not meta["task"].strip():
             raise TaskError(f"{path}: field 'task' must be a non-empty string")
@@ -311,6 +315,16 @@ def _read_meta(path: Path) -> dict[str, Any]:
         )
     if "label_names" in meta:
         fields["labels"] = _string_list(meta["label_names"], str(path), "label_names")
+    # RLPrompt's files call them rlprompt_verbalizers: one word per label, in label order.
+    for key in ("verbalizers", "rlprompt_verbalizers"):
+        if key in meta:
+            words = _string_list(meta[key], str(path), key)
+            if len(words) != len(fields.get("labels", [])):
+                raise TaskError(
+                    f"{path}: field {key!r} must have one word per entry of 'label_names'"
+                )
+            fields["verbalizers"] = dict(zip(fields["labels"], words, strict=True))
+            break
     return fields
 
 

@@ -319,3 +319,23 @@ def test_bundled_rows_are_unmodified_source_rows() -> None:
     for name, count in (("train.jsonl", 200), ("test.jsonl", 50)):
         source = (SHARED_ANTONYMS / name).read_bytes().splitlines(keepends=True)[:count]
         assert (BUNDLED_TASKS_DIR / "antonyms" / name).read_bytes() == b"".join(source)
+
+
+SHARED_SST2 = Path(__file__).resolve().parents[2] / "shared" / "data" / "classification" / "sst-2"
+
+
+@pytest.mark.skipif(not SHARED_SST2.is_dir(), reason="needs ../shared/data/classification")
+def test_a_classification_set_loads_with_its_labels_and_verbalizers() -> None:
+    task = load_task(SHARED_SST2)
+    assert task.metric == "accuracy"
+    assert task.labels == ["negative", "positive"]
+    assert task.verbalizers == {"negative": "terrible", "positive": "great"}
+    assert (len(task.train), len(task.val)) == (32, 32)
+
+
+def test_verbalizers_need_one_word_per_label(tmp_path: Path) -> None:
+    (tmp_path / "train.jsonl").write_text('{"input": "a", "output": "x"}\n' * 1, encoding="utf-8")
+    meta = {"label_names": ["x", "y"], "verbalizers": ["ex"]}
+    (tmp_path / "meta.json").write_text(json.dumps(meta), encoding="utf-8")
+    with pytest.raises(TaskError, match="'verbalizers' must have one word per entry"):
+        load_task(tmp_path)
