@@ -164,7 +164,9 @@ def _add_searcher_options(parser: argparse.ArgumentParser, searcher: str) -> Non
         if len(owners) > 1:
             continue  # the flag exists already; it now applies to this searcher too
         kind = field_type(cls, field)
-        help_text = f"{field.metadata.get('help', '')} (default: {field.default!r})"
+        help_text = field.metadata.get("help", "")
+        if "(default:" not in help_text:
+            help_text += f" (default: {field.default!r})"
         if kind == tuple[str, ...]:  # generic aliases are equal, never identical
             group.add_argument(
                 flag,
@@ -177,7 +179,12 @@ def _add_searcher_options(parser: argparse.ArgumentParser, searcher: str) -> Non
             continue
         convert = {int: int, float: float}.get(kind, str)
         group.add_argument(
-            flag, dest=_dest(flag), type=convert, help=help_text, default=argparse.SUPPRESS
+            flag,
+            dest=_dest(flag),
+            type=convert,
+            help=help_text,
+            default=argparse.SUPPRESS,
+            metavar={int: "N", float: "X"}.get(kind, "TEXT"),
         )
 
 

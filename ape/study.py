@@ -56,15 +56,19 @@ def open_storage(storage: str | None) -> optuna.storages.BaseStorage:
         # SQLite will not create the folder the database file lives in.
         Path(storage.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     try:
-        rdb = optuna.storages.RDBStorage(
-            storage,
-            engine_kwargs={"connect_args": {"timeout": 60}} if sqlite else None,
-            # Workers beat while they hold a job; a job whose worker stopped beating for
-            # GRACE_SECONDS is failed and re-queued (see ape/worker.py).
-            heartbeat_interval=HEARTBEAT_SECONDS,
-            grace_period=GRACE_SECONDS,
-            heartbeat_stale_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=None),
-        )
+        with warnings.catch_warnings():  # heartbeats and their retry callback are "experimental"
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            rdb = optuna.storages.RDBStorage(
+                storage,
+                engine_kwargs={"connect_args": {"timeout": 60}} if sqlite else None,
+                # Workers beat while they hold a job; a job whose worker stopped beating for
+                # GRACE_SECONDS is failed and re-queued (see ape/worker.py).
+                heartbeat_interval=HEARTBEAT_SECONDS,
+                grace_period=GRACE_SECONDS,
+                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
+                    max_retry=None
+                ),
+            )
     except Exception as err:  # SQLAlchemy raises many types for a bad URL or driver
         raise ValueError(f"cannot open storage {storage!r}: {err}") from err
     if sqlite:
