@@ -106,6 +106,7 @@ class Objective:
         self.seconds: dict[str, float] = defaultdict(float)
         self.computed_pairs = 0  # pairs actually run through the model (not replayed)
         self._charged: set[tuple[str, str]] = set()
+        self._details: dict[tuple[str, str], np.ndarray] = {}  # see evaluate_train
         # [budget used, best validation score so far] after each scoring call (see _note_best)
         self.history: list[list[float]] = []
         # What a searcher hands to the result beside its prompts (see ape.result.Result)
@@ -182,6 +183,82 @@ class Objective:
         if allowed < len(new):
             raise BudgetExhausted(f"budget of {self.budget.limit} units reached")
         return results
+
+    def evaluate_train(
+        self, prompts: Sequence[Prompt], examples: Sequence[Example], origin: str = ""
+    ) -> np.ndarray:
+        """The evaluator's detail for a learning signal, on training examples.
+
+        For a searcher that learns from more than the evaluator's score (the RL policy learns
+        from the label margin): with a `choice` evaluator, the label-word log-probs, shape
+        (prompts, examples, labels); with any other evaluator, its scores, shape
+        (prompts, examples, 1). All prompts go to the model in one call. Budget works as in
+        `evaluate_each`; each prompt's scores (accuracy for `choice`) on examples not yet stored
+        are recorded as one trial with split "train", and never count as validation scores.
+        Pairs past the budget are NaN, then `BudgetExhausted` is raised. Scored here, not by
+        workers.
+        """
+        keyed = [_Keyed(p, list(examples)) for p in prompts]
+        new = list(
+            dict.fromkeys(
+                (r.key, ek)
+                for r in keyed
+                for ek in r.example_keys
+                if (r.key, ek) not in self._charged
+            )
+        )
+        allowed = len(new)
+        if self.budget.limit is not None:
+            allowed = int(min(allowed, self.budget.remaining))
+        self._charged.update(new[:allowed])
+        self.budget.pairs += allowed
+        self._bar.update(allowed)
+        self.add_candidates(prompts, origin)
+
+        choice = hasattr(self.evaluator, "label_logprobs")
+        todo = [
+            r
+            for r in dict((r.key, r) for r in keyed).values()
+            if any(
+                (r.key, ek) in self._charged and (r.key, ek) not in self._details
+                for ek in r.example_keys
+            )
+        ]
+        if todo:
+            started = time.perf_counter()
+            grid = (
+                self.evaluator.label_logprobs(self.lm, [r.prompt for r in todo], examples)
+                if choice
+                else self.evaluator.score(self.lm, [r.prompt for r in todo], examples)[..., None]
+            )
+            self.seconds["score"] += time.perf_counter() - started
+            self.computed_pairs += len(todo) * len(examples)
+            gold = _gold_index(self.evaluator, examples) if choice else None
+            for r, rows in zip(todo, grid, strict=True):
+                fresh = []
+                for ek, detail in zip(r.example_keys, rows, strict=True):
+                    if (r.key, ek) in self._charged and (r.key, ek) not in self._details:
+                        self._details[(r.key, ek)] = detail
+                        if (r.key, ek) not in self.store.scores:
+                            fresh.append(ek)
+                if fresh:
+                    scores = [
+                        float(self._details[(r.key, ek)].argmax() == gold[ek])
+                        if choice
+                        else float(self._details[(r.key, ek)][0])
+                        for ek in fresh
+                    ]
+                    attrs = {**self._attrs(r.prompt, "train"), "origin": origin}
+                    self.store.record(r.prompt, fresh, scores, **attrs)
+        width = next(iter(self._details.values())).shape[-1] if self._details else 1
+        out = np.full((len(keyed), len(examples), width), np.nan)
+        for i, r in enumerate(keyed):
+            for j, ek in enumerate(r.example_keys):
+                if (r.key, ek) in self._details:
+                    out[i, j] = self._details[(r.key, ek)]
+        if allowed < len(new):
+            raise BudgetExhausted(f"budget of {self.budget.limit} units reached")
+        return out
 
     def generate(
         self,
@@ -304,6 +381,16 @@ class Objective:
         elif not self.history or self.history[-1][1] != best:
             self.history.append(point)
 
+    def charge(self, units: int) -> None:
+        """Spend `units` on compute no trial records (a soft prompt's training step, say).
+
+        Raises `BudgetExhausted`, spending nothing, when the remaining budget cannot cover it.
+        """
+        if units > self.budget.remaining:
+            raise BudgetExhausted(f"budget of {self.budget.limit} units reached")
+        self.budget.pairs += units
+        self._bar.update(units)
+
     def close(self) -> None:
         self._bar.close()
 
@@ -371,6 +458,16 @@ def score_grouped(evaluator, lm: LanguageModel, todo) -> list[np.ndarray]:
         for i, row in zip(members, grid, strict=True):
             rows[i] = np.asarray(row, dtype=np.float64)
     return rows
+
+
+def _gold_index(evaluator, examples: Sequence[Example]) -> dict[str, int]:
+    """Example key -> index of its label on the last axis of `label_logprobs`."""
+    labels = evaluator.resolve_labels(examples)
+    index = {label: i for i, label in enumerate(labels)}
+    missing = sorted({ex.output for ex in examples} - index.keys())
+    if missing:
+        raise ValueError(f"example outputs {missing} are not among the labels {labels}")
+    return {ex.key(): index[ex.output] for ex in examples}
 
 
 @dataclass

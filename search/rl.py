@@ -1,0 +1,202 @@
+"""RL prompts (after RLPrompt, Deng et al. 2022): a trained policy writes short discrete prompts.
+
+The policy (search/rl_policy.py) is a frozen LM with a small trainable MLP on its last hidden
+state, read back through the LM head; it writes `prompt_length` tokens with top-k sampling. Each
+step it samples `prompts_per_step` prompts, and the task model scores all of them on a minibatch
+of training examples in one call to the shared batched scorer (through the objective, which
+charges the budget and records every sampled prompt as a trial):
+
+- classification (`choice` evaluator): the reward is the label-word margin, p(gold) minus the
+  largest p(other label), scaled (search/rl_reward.py);
+- other tasks (`loglik`, `loglik_sum`): the log-likelihood of the reference output, per token
+  for `loglik`.
+
+Rewards are averaged over the minibatch and z-scored across the step's prompts. Training is
+REINFORCE with the step mean as baseline (that is what the z-scoring subtracts) plus an entropy
+bonus under the same top-k distribution the tokens were sampled from.
+
+Why policy gradient and not soft Q-learning (RLPrompt's choice): see "Measured" below.
+
+Training uses the training split; candidates are chosen on the validation pool: the
+`finalists` prompts with the best mean training reward, plus the final policy's greedy prompt,
+are scored on `objective.val_pool`, and `optimize()` tests the best of those. The policy's
+weights go into `objective.artifacts["policy"]` (saved beside the result) and the reward per
+step into `objective.extras["training_curve"]`.
+
+Measured: see the "Measured" paragraph at the end of this docstring.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+import torch
+
+from ape.lm import LanguageModel
+from ape.objective import Objective
+from ape.prompt import Prompt
+from search.base import option, positive
+from search.rl_policy import PromptPolicy, Rollout
+from search.rl_reward import label_margin, zscore
+
+# Evaluators whose scores are a usable reward on their own (for tasks other than classification).
+_LOGLIK = ("loglik", "loglik_sum")
+
+
+@dataclass(frozen=True)
+class RLSearcher:
+    name: ClassVar[str] = "rl"
+
+    steps: int = option(40, "training steps (with a budget: at most this many, fewer if it binds)")
+    prompts_per_step: int = option(8, "prompts sampled per step, scored together")
+    prompt_length: int = option(5, "L: tokens per prompt")
+    minibatch: int = option(16, "training examples each step's prompts are scored on")
+    token_top_k: int = option(256, "the policy samples each token from its k most likely")
+    hidden: int = option(2048, "width of the policy's MLP")
+    learning_rate: float = option(1e-4, "Adam learning rate of the MLP")
+    entropy: float = option(0.01, "weight of the entropy bonus")
+    reward_correct: float = option(180.0, "scale of the label margin when the prediction is right")
+    reward_incorrect: float = option(200.0, "scale of the label margin when it is wrong")
+    finalists: int = option(
+        4, "best sampled prompts (by training reward) scored on the validation pool, plus greedy"
+    )
+    context: str = option("Instruction:", "text the policy continues when writing a prompt")
+    policy_model: str | None = option(
+        None, "model under the policy (default: the model being optimized, loaded once)"
+    )
+
+    def __post_init__(self) -> None:
+        positive(
+            steps=self.steps,
+            prompts_per_step=self.prompts_per_step,
+            prompt_length=self.prompt_length,
+            minibatch=self.minibatch,
+            token_top_k=self.token_top_k,
+            hidden=self.hidden,
+            learning_rate=self.learning_rate,
+            finalists=self.finalists,
+            reward_correct=self.reward_correct,
+            reward_incorrect=self.reward_incorrect,
+        )
+        if self.entropy < 0:
+            raise ValueError(f"entropy must be 0 or more, got {self.entropy}")
+
+    # ----------------------------------------------------------------------------- the search
+    def search(self, objective: Objective) -> None:
+        choice = hasattr(objective.evaluator, "label_logprobs")
+        if not choice and getattr(objective.evaluator, "name", "") not in _LOGLIK:
+            raise ValueError(
+                "searcher 'rl' learns from label-word probabilities (--evaluator choice) or the "
+                "reference's log-likelihood (--evaluator loglik or loglik_sum), not from "
+                f"{getattr(objective.evaluator, 'name', objective.evaluator)!r}"
+            )
+        train = list(objective.task.train)
+        if not train:
+            raise ValueError(
+                f"searcher 'rl' trains on the training split; {objective.task.name!r} has none"
+            )
+        policy = PromptPolicy(
+            self._policy_lm(objective),
+            hidden=self.hidden,
+            context=self.context,
+            top_k=self.token_top_k,
+            seed=objective.seed,
+        )
+        objective.artifacts["policy"] = policy
+        curve: list[dict[str, float]] = []
+        objective.extras["training_curve"] = curve
+        optimizer = torch.optim.Adam(policy.mlp.parameters(), lr=self.learning_rate)
+        generator = torch.Generator().manual_seed(objective.seed)
+        batches = _minibatches(train, self.minibatch, objective.seed)
+        # prompt text -> [sum of rewards, examples seen]: picks the finalists
+        seen: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
+        gold = _gold(objective, train) if choice else None
+
+        began = time.perf_counter()
+        for step in range(self._steps(objective, len(train))):
+            rollout = policy.sample(self.prompts_per_step, self.prompt_length, generator)
+            texts = policy.texts(rollout.tokens)
+            examples = next(batches)
+            detail = objective.evaluate_train([Prompt(t) for t in texts], examples, origin="rl")
+            if choice:
+                index = np.array([gold[e.key()] for e in examples])
+                per_example = label_margin(
+                    detail, index, self.reward_correct, self.reward_incorrect
+                )
+                accuracy = float((detail.argmax(-1) == index).mean())
+            else:
+                per_example, accuracy = detail[..., 0], float("nan")
+            rewards = per_example.mean(-1)
+            for text, row in zip(texts, per_example, strict=True):
+                seen[text][0] += float(row.sum())
+                seen[text][1] += len(row)
+            loss, entropy = self._update(policy, optimizer, rollout, zscore(rewards))
+            curve.append(
+                {
+                    "step": step + 1,
+                    "reward": float(rewards.mean()),
+                    "reward_max": float(rewards.max()),
+                    "accuracy": accuracy,
+                    "entropy": entropy,
+                    "loss": loss,
+                    "budget_used": objective.budget.used,
+                    "seconds": round(time.perf_counter() - began, 2),
+                    "prompts": texts,
+                    "rewards": [float(r) for r in rewards],
+                }
+            )
+
+        greedy = policy.texts(policy.sample(1, self.prompt_length, None, greedy=True).tokens)
+        best = sorted(seen, key=lambda t: -seen[t][0] / seen[t][1])[: self.finalists]
+        finalists = list(dict.fromkeys(best + greedy))
+        objective.evaluate([Prompt(t) for t in finalists], objective.val_pool, origin="rl")
+
+    # ----------------------------------------------------------------------------- helpers
+    def _update(
+        self, policy: PromptPolicy, optimizer, rollout: Rollout, advantages: np.ndarray
+    ) -> tuple[float, float]:
+        """One REINFORCE step with an entropy bonus; returns (loss, mean entropy)."""
+        logp, entropy = policy.log_probs(rollout)
+        weights = torch.as_tensor(advantages, dtype=logp.dtype, device=logp.device)
+        loss = -(weights * logp.sum(-1)).mean() - self.entropy * entropy.mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        return float(loss.detach()), float(entropy.detach().mean())
+
+    def _policy_lm(self, objective: Objective) -> LanguageModel:
+        if self.policy_model is None or self.policy_model == objective.lm.name:
+            return objective.lm
+        from ape.models import load_model
+
+        return load_model(self.policy_model)
+
+    def _steps(self, objective: Objective, n_train: int) -> int:
+        """The configured steps, or fewer when a budget must also cover the finalists."""
+        if objective.budget.limit is None:
+            return self.steps
+        per_step = self.prompts_per_step * min(self.minibatch, n_train)
+        final = (self.finalists + 1) * len(objective.val_pool)
+        spare = objective.budget.remaining - final
+        return int(min(self.steps, max(0, spare // per_step)))
+
+
+def _minibatches(train: list, size: int, seed: int):
+    """Endless minibatches: seeded passes over the training examples, each a new permutation."""
+    rng = np.random.default_rng(seed)
+    size = min(size, len(train))
+    while True:
+        order = rng.permutation(len(train))
+        for start in range(0, len(order) - size + 1, size):
+            yield [train[i] for i in order[start : start + size]]
+
+
+def _gold(objective: Objective, examples: list) -> dict[str, int]:
+    """Example key -> index of its label in the evaluator's label order."""
+    labels = objective.evaluator.resolve_labels(examples)
+    index = {label: i for i, label in enumerate(labels)}
+    return {e.key(): index[e.output] for e in examples}
