@@ -15,16 +15,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from ape.lm import LanguageModel
 from ape.objective import Objective
 from ape.prompt import Prompt
 from search.bandit import UCBBandit
 from search.base import option, positive
 from search.proposal import (
-    TEMPLATES,
+    ProposalOptions,
     chat_flags,
-    propose,
-    proposer_model,
     resample_prompt,
     sample_instructions,
     unique,
@@ -32,18 +29,9 @@ from search.proposal import (
 
 
 @dataclass(frozen=True)
-class APESearcher:
+class APESearcher(ProposalOptions):
     name: ClassVar[str] = "ape"
 
-    num_subsamples: int = option(5, "S: demo subsamples shown to the proposal model")
-    num_demos: int = option(5, "D: training demos per subsample")
-    num_proposals: int = option(8, "P: instructions sampled per subsample and template")
-    templates: str = option(
-        "auto", "forward, chat, both, or auto (both when the proposal model has a chat template)"
-    )
-    temperature: float = option(0.9, "sampling temperature for proposals and variations")
-    max_new_tokens: int = option(32, "longest proposal, in tokens")
-    max_chars: int = option(200, "longer cleaned instructions are dropped")
     minibatch: int = option(5, "validation examples per bandit pull")
     per_round: int = option(10, "candidates pulled per bandit round")
     rounds: int = option(
@@ -56,51 +44,29 @@ class APESearcher:
     top_k: int = option(5, "instructions rephrased per resampling round")
     variations: int = option(3, "variations asked per rephrased instruction and template")
     finalists: int = option(5, "best candidates scored on the whole validation pool at the end")
-    proposal_model: str | None = option(
-        None, "model that writes the instructions (default: the model being optimized)"
-    )
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         positive(
-            num_subsamples=self.num_subsamples,
-            num_demos=self.num_demos,
-            num_proposals=self.num_proposals,
-            max_new_tokens=self.max_new_tokens,
-            max_chars=self.max_chars,
             minibatch=self.minibatch,
             per_round=self.per_round,
             top_k=self.top_k,
             variations=self.variations,
             finalists=self.finalists,
         )
-        if self.templates not in TEMPLATES:
-            raise ValueError(
-                f"templates must be one of {', '.join(TEMPLATES)}, not {self.templates!r}"
-            )
         for name in ("rounds", "resample_rounds"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be 0 or more, got {getattr(self, name)}")
-        if self.temperature < 0 or self.c < 0:
-            raise ValueError("temperature and c must be 0 or more")
+        if self.c < 0:
+            raise ValueError(f"c must be 0 or more, got {self.c}")
 
     # ----------------------------------------------------------------------------- the search
     def search(self, objective: Objective) -> None:
-        proposer = self._proposer(objective)
-        chats = self._chat_flags(proposer)
+        proposer = self.proposer(objective)
+        chats = chat_flags(self.templates, proposer)
         bandit = UCBBandit(objective, self.minibatch, self.c)
 
-        steps = propose(
-            objective,
-            proposer,
-            chats,
-            num_subsamples=self.num_subsamples,
-            num_demos=self.num_demos,
-            num_proposals=self.num_proposals,
-            temperature=self.temperature,
-            max_new_tokens=self.max_new_tokens,
-            max_chars=self.max_chars,
-        )
-        for origin, found in steps:  # one step per template
+        for origin, found in self.propose(objective, proposer):  # one step per template
             bandit.add([Prompt(t) for t in found], origin)
 
         rounds = self._rounds(objective, len(chats))
@@ -119,12 +85,6 @@ class APESearcher:
         objective.evaluate(finalists, objective.val_pool)
 
     # ----------------------------------------------------------------------------- helpers
-    def _proposer(self, objective: Objective) -> LanguageModel:
-        return proposer_model(objective, self.proposal_model)
-
-    def _chat_flags(self, proposer: LanguageModel) -> list[bool]:
-        return chat_flags(self.templates, proposer)
-
     def _sample(self, objective, proposer, prompts, n: int, chat: bool, stage: int) -> list:
         return sample_instructions(
             objective,

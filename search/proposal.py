@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ape.task import Example
+from search.base import option, positive
 
 if TYPE_CHECKING:
     from ape.lm import LanguageModel
@@ -206,4 +208,60 @@ def propose(
             f"the proposal model ({proposer.name}) wrote no usable instruction in "
             f"{num_subsamples * num_proposals * len(chats)} samples; try another "
             "--proposal-model or more proposals"
+        )
+
+
+SUBSAMPLES_HELP = "S: demo subsamples shown to the proposal model"
+PROPOSALS_HELP = "P: instructions sampled per subsample and template"
+
+
+@dataclass(frozen=True)
+class ProposalOptions:
+    """The knobs of APE's proposal step, for every searcher that runs it (a dataclass base)."""
+
+    num_subsamples: int = option(5, SUBSAMPLES_HELP)
+    num_demos: int = option(5, "D: training demos per subsample")
+    num_proposals: int = option(8, PROPOSALS_HELP)
+    templates: str = option(
+        "auto", "forward, chat, both, or auto (both when the proposal model has a chat template)"
+    )
+    temperature: float = option(0.9, "sampling temperature for proposals and variations")
+    max_new_tokens: int = option(32, "longest proposal, in tokens")
+    max_chars: int = option(200, "longer cleaned instructions are dropped")
+    proposal_model: str | None = option(
+        None, "model that writes the instructions (default: the model being optimized)"
+    )
+
+    def __post_init__(self) -> None:
+        positive(
+            num_subsamples=self.num_subsamples,
+            num_demos=self.num_demos,
+            num_proposals=self.num_proposals,
+            max_new_tokens=self.max_new_tokens,
+            max_chars=self.max_chars,
+        )
+        if self.templates not in TEMPLATES:
+            raise ValueError(
+                f"templates must be one of {', '.join(TEMPLATES)}, not {self.templates!r}"
+            )
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be 0 or more, got {self.temperature}")
+
+    def proposer(self, objective: Objective) -> LanguageModel:
+        return proposer_model(objective, self.proposal_model)
+
+    def propose(
+        self, objective: Objective, proposer: LanguageModel
+    ) -> Iterator[tuple[str, list[str]]]:
+        """`propose` with these options: (origin, new instructions) once per template."""
+        return propose(
+            objective,
+            proposer,
+            chat_flags(self.templates, proposer),
+            num_subsamples=self.num_subsamples,
+            num_demos=self.num_demos,
+            num_proposals=self.num_proposals,
+            temperature=self.temperature,
+            max_new_tokens=self.max_new_tokens,
+            max_chars=self.max_chars,
         )

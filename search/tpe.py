@@ -39,25 +39,16 @@ import optuna
 from ape.objective import Objective
 from ape.prompt import Prompt
 from search.base import option, positive
-from search.proposal import TEMPLATES, chat_flags, propose, proposer_model
+from search.proposal import PROPOSALS_HELP, SUBSAMPLES_HELP, ProposalOptions
 
 
 @dataclass(frozen=True)
-class TPESearcher:
+class TPESearcher(ProposalOptions):
     name: ClassVar[str] = "tpe"
 
-    num_subsamples: int = option(3, "demo subsamples shown to the proposal model")
-    num_demos: int = option(5, "training demos per subsample shown to the proposal model")
-    num_proposals: int = option(4, "instructions sampled per subsample and template")
-    templates: str = option(
-        "auto", "forward, chat, both, or auto (both when the proposal model has a chat template)"
-    )
-    temperature: float = option(0.9, "sampling temperature for proposals")
-    max_new_tokens: int = option(32, "longest proposal, in tokens")
-    max_chars: int = option(200, "longer cleaned instructions are dropped")
-    proposal_model: str | None = option(
-        None, "model that writes the instructions (default: the model being optimized)"
-    )
+    # A smaller pool than APE's: TPE spends its budget on (instruction, demos) combinations.
+    num_subsamples: int = option(3, SUBSAMPLES_HELP)
+    num_proposals: int = option(4, PROPOSALS_HELP)
     num_demo_sets: int = option(6, "demo sets drawn from the training split for TPE to choose")
     max_demos: int = option(4, "demos per set; TPE shows the first 0..max_demos of a set")
     trials: int = option(
@@ -73,42 +64,21 @@ class TPESearcher:
     n_startup_trials: int = option(10, "random trials before TPE starts modelling")
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         positive(
-            num_subsamples=self.num_subsamples,
-            num_demos=self.num_demos,
-            num_proposals=self.num_proposals,
-            max_new_tokens=self.max_new_tokens,
-            max_chars=self.max_chars,
             num_demo_sets=self.num_demo_sets,
             trials=self.trials,
             minibatch=self.minibatch,
             full_eval_every=self.full_eval_every,
             finalists=self.finalists,
         )
-        if self.templates not in TEMPLATES:
-            raise ValueError(
-                f"templates must be one of {', '.join(TEMPLATES)}, not {self.templates!r}"
-            )
         for name in ("max_demos", "n_startup_trials"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be 0 or more, got {getattr(self, name)}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be 0 or more, got {self.temperature}")
 
     # ----------------------------------------------------------------------------- the search
     def search(self, objective: Objective) -> None:
-        proposer = proposer_model(objective, self.proposal_model)
-        steps = propose(
-            objective,
-            proposer,
-            chat_flags(self.templates, proposer),
-            num_subsamples=self.num_subsamples,
-            num_demos=self.num_demos,
-            num_proposals=self.num_proposals,
-            temperature=self.temperature,
-            max_new_tokens=self.max_new_tokens,
-            max_chars=self.max_chars,
-        )
+        steps = self.propose(objective, self.proposer(objective))
         instructions = [(text, origin) for origin, found in steps for text in found]
 
         # The demo sets draw from a stream of their own, apart from the proposal subsamples.

@@ -255,8 +255,8 @@ def test_get_searcher_builds_with_options():
         ({"rounds": -1}, "rounds must be 0 or more"),
         ({"resample_rounds": -2}, "resample_rounds must be 0 or more"),
         ({"templates": "sideways"}, "templates must be one of"),
-        ({"temperature": -0.5}, "temperature and c"),
-        ({"c": -1.0}, "temperature and c"),
+        ({"temperature": -0.5}, "temperature must be 0 or more"),
+        ({"c": -1.0}, "c must be 0 or more"),
     ],
 )
 def test_ape_searcher_rejects_bad_options(options, message):
