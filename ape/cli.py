@@ -60,6 +60,13 @@ def build_parser() -> argparse.ArgumentParser:
         "human instructions from meta.json, and no instruction",
     )
     evaluate.add_argument(
+        "--soft-prompt",
+        action="append",
+        metavar="DIR",
+        help="a saved soft prompt to score as well (repeatable): the folder 'ape optimize "
+        "--searcher soft' writes beside its result (RESULT.files/soft_prompt)",
+    )
+    evaluate.add_argument(
         "--split", default="test", choices=["train", "val", "test"], help="default: test"
     )
     evaluate.set_defaults(run=_run_evaluate)
@@ -161,8 +168,12 @@ def _add_searcher_options(parser: argparse.ArgumentParser, searcher: str) -> Non
         flag = field.metadata.get("flag") or "--" + field.name.replace("_", "-")
         owners = _SEARCHER_FLAGS.setdefault(flag, (field.name, []))[1]
         owners.append(searcher)
-        if len(owners) > 1:
-            continue  # the flag exists already; it now applies to this searcher too
+        if len(owners) > 1:  # the flag exists already; it now applies to this searcher too
+            action = parser._option_string_actions[flag]
+            first = searcher_class(owners[0])
+            if field.default != first.__dataclass_fields__[field.name].default:
+                action.help += f" (default for {searcher}: {field.default!r})"
+            continue
         kind = field_type(cls, field)
         help_text = field.metadata.get("help", "")
         if "(default:" not in help_text:
@@ -213,6 +224,7 @@ def _searcher_arguments(args: argparse.Namespace) -> dict:
 def _run_evaluate(args: argparse.Namespace) -> int:
     from ape.evaluation import evaluate, make_evaluator
     from ape.models import load_model
+    from ape.soft_prompt import SoftPrompt
     from ape.task import load_task
 
     task = load_task(args.data, val=args.val, test=args.test, seed=args.seed)
@@ -220,8 +232,14 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     if instructions is None:
         instructions = [*task.human_instructions, ""]
     make_evaluator(args.evaluator, task)  # fail on a bad name before the slow model load
+    softs = [SoftPrompt.load(folder) for folder in args.soft_prompt or []]
     lm = load_model(args.model, device=args.device, dtype=args.dtype)
-    scores = evaluate(task, instructions, model=lm, evaluator=args.evaluator, split=args.split)
+    prompts = [*instructions, *(soft.prompt() for soft in softs)]
+    scores = evaluate(task, prompts, model=lm, evaluator=args.evaluator, split=args.split)
+    instructions = [
+        *instructions,
+        *(f"{s.label} ({d})" for s, d in zip(softs, args.soft_prompt or [], strict=True)),
+    ]
     examples = len(task.split(args.split))
     print(f"\n{task.name}: {args.evaluator} on {args.split} ({examples} examples), {lm.name}\n")
     _print_table(
@@ -275,6 +293,9 @@ def _run_optimize(args: argparse.Namespace) -> int:
     path = result.save(out)
     print_result(result, top=args.top)
     print(f"\nsaved {path}")
+    if "soft_prompt" in result.files:
+        folder = result.file("soft_prompt", path)
+        print(f"soft prompt vectors: {folder} (score: ape evaluate DATA --soft-prompt {folder})")
     return 0
 
 
