@@ -51,14 +51,14 @@ _LOGLIK = ("loglik", "loglik_sum")
 class RLSearcher:
     name: ClassVar[str] = "rl"
 
-    steps: int = option(40, "training steps (with a budget: at most this many, fewer if it binds)")
+    steps: int = option(24, "training steps (with a budget: at most this many, fewer if it binds)")
     prompts_per_step: int = option(8, "prompts sampled per step, scored together")
     prompt_length: int = option(5, "L: tokens per prompt")
-    minibatch: int = option(16, "training examples each step's prompts are scored on")
+    minibatch: int = option(8, "training examples each step's prompts are scored on")
     token_top_k: int = option(256, "the policy samples each token from its k most likely")
     hidden: int = option(2048, "width of the policy's MLP")
-    learning_rate: float = option(1e-4, "Adam learning rate of the MLP")
-    entropy: float = option(0.01, "weight of the entropy bonus")
+    learning_rate: float = option(3e-5, "Adam learning rate of the MLP")
+    entropy: float = option(0.05, "weight of the entropy bonus")
     reward_correct: float = option(180.0, "scale of the label margin when the prediction is right")
     reward_incorrect: float = option(200.0, "scale of the label margin when it is wrong")
     finalists: int = option(
@@ -111,7 +111,7 @@ class RLSearcher:
         objective.extras["training_curve"] = curve
         optimizer = torch.optim.Adam(policy.mlp.parameters(), lr=self.learning_rate)
         generator = torch.Generator().manual_seed(objective.seed)
-        batches = _minibatches(train, self.minibatch, objective.seed)
+        batches = _minibatches(train, self.minibatch, objective.seed, balanced=choice)
         # prompt text -> [sum of rewards, examples seen]: picks the finalists
         seen: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
         gold = _gold(objective, train) if choice else None
@@ -185,14 +185,35 @@ class RLSearcher:
         return int(min(self.steps, max(0, spare // per_step)))
 
 
-def _minibatches(train: list, size: int, seed: int):
-    """Endless minibatches: seeded passes over the training examples, each a new permutation."""
+def _minibatches(train: list, size: int, seed: int, balanced: bool):
+    """Endless seeded minibatches of the training examples.
+
+    With `balanced` (classification), each holds the labels in equal shares as far as `size`
+    allows: otherwise a model that always answers one label scores the share of that label in
+    the batch, and that noise swamps the reward curve.
+    """
     rng = np.random.default_rng(seed)
     size = min(size, len(train))
+    if not balanced:
+        while True:
+            order = rng.permutation(len(train))
+            for start in range(0, len(order) - size + 1, size):
+                yield [train[i] for i in order[start : start + size]]
+    by_label: dict[str, list[int]] = defaultdict(list)
+    for i, example in enumerate(train):
+        by_label[example.output].append(i)
+    labels = sorted(by_label)
+    queues: dict[str, list[int]] = {label: [] for label in labels}
+    offset = 0  # which labels get the extra slots when `size` is not a multiple of them
     while True:
-        order = rng.permutation(len(train))
-        for start in range(0, len(order) - size + 1, size):
-            yield [train[i] for i in order[start : start + size]]
+        batch: list[int] = []
+        for k in range(size):
+            label = labels[(offset + k) % len(labels)]
+            if not queues[label]:
+                queues[label] = list(rng.permutation(by_label[label]))
+            batch.append(int(queues[label].pop()))
+        offset += size
+        yield [train[i] for i in rng.permutation(batch)]
 
 
 def _gold(objective: Objective, examples: list) -> dict[str, int]:

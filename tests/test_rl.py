@@ -284,3 +284,14 @@ def test_cli_optimize_with_rl(tmp_path, tiny_model_dir):
     data = json.loads(out.read_text())
     assert data["searcher"] == "rl" and len(data["extras"]["training_curve"]) == 2
     assert (tmp_path / data["files"]["policy"] / "mlp.safetensors").is_file()
+
+
+def test_classification_minibatches_are_balanced_and_seeded(sentiment):
+    from search.rl import _minibatches
+
+    batches = _minibatches(sentiment.train, 4, seed=0, balanced=True)
+    drawn = [next(batches) for _ in range(6)]
+    for batch in drawn:
+        assert sorted(e.output for e in batch) == ["negative", "negative", "positive", "positive"]
+    again = _minibatches(sentiment.train, 4, seed=0, balanced=True)
+    assert [next(again) for _ in range(6)] == drawn

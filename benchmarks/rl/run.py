@@ -1,0 +1,236 @@
+"""RL prompts vs baselines on 16-shot classification (see README.md beside this file).
+
+For each task: the test accuracy of no prompt, a manual one-line instruction with the label words,
+random 5-token prompts (one per seed, tokens drawn uniformly from the policy's vocabulary), the
+`rl` searcher with its defaults (one run per seed) and, where asked, APE at a modest budget. All
+are scored with the `choice` evaluator on the same fixed, seeded test subsample.
+
+    python benchmarks/rl/run.py --tasks sst-2 agnews mr --seeds 0 1 --test-rows 200
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import ape
+from ape.evaluation import make_evaluator
+from ape.prompt import Prompt
+from ape.task import Task
+from search.base import available_searchers
+from search.rl_policy import _banned_tokens
+
+DATA = Path("/work/shared/data/classification")
+MANUAL = {
+    "sst-2": "Is the sentiment of this movie review great or terrible?",
+    "mr": "Is the sentiment of this movie review great or terrible?",
+    "subj": "Is this sentence subjective or objective?",
+    "agnews": "Is this news article about World, Sports, Business or Tech?",
+}
+
+
+def subsample(task: Task, rows: int, seed: int = 0) -> Task:
+    """The task with a fixed, seeded test subsample (same rows for every method)."""
+    test = task.test
+    if rows and rows < len(test):
+        picked = sorted(random.Random(seed).sample(range(len(test)), rows))
+        test = [task.test[i] for i in picked]
+    return Task(
+        task.name,
+        task.train,
+        task.val,
+        test,
+        metric=task.metric,
+        labels=task.labels,
+        verbalizers=task.verbalizers,
+        seed=task.seed,
+    )
+
+
+def random_prompt(lm, length: int, seed: int) -> str:
+    """`length` tokens drawn uniformly from the tokens the RL policy may write."""
+    banned = _banned_tokens(lm.tokenizer, lm.model.get_output_embeddings().weight.shape[0])
+    allowed = torch.nonzero(~banned).flatten().tolist()
+    ids = random.Random(seed).sample(allowed, length)
+    return lm.tokenizer.decode(ids).strip()
+
+
+def run_task(name: str, args, lm, out: Path) -> dict:
+    task = subsample(ape.load_task(DATA / name), args.test_rows)
+    scorer = make_evaluator("choice", task)
+    report: dict = {
+        "task": name,
+        "train": len(task.train),
+        "val": len(task.val),
+        "test": len(task.test),
+        "methods": {},
+    }
+
+    fixed = {"none": "", "manual": MANUAL[name]}
+    randoms = {seed: random_prompt(lm, 5, 1000 + seed) for seed in args.seeds}
+    prompts = list(fixed.values()) + list(randoms.values())
+    began = time.perf_counter()
+    test = scorer.score(lm, [Prompt(p) for p in prompts], task.test).mean(-1)
+    val = scorer.score(lm, [Prompt(p) for p in prompts], task.val).mean(-1)
+    seconds = time.perf_counter() - began
+    print(f"[{name}] baselines scored in {seconds:.0f} s", flush=True)
+    for i, (method, text) in enumerate(fixed.items()):
+        report["methods"][method] = {
+            "runs": [{"prompt": text, "val": float(val[i]), "test": float(test[i])}]
+        }
+    report["methods"]["random"] = {
+        "runs": [
+            {"seed": s, "prompt": randoms[s], "val": float(val[2 + k]), "test": float(test[2 + k])}
+            for k, s in enumerate(args.seeds)
+        ]
+    }
+
+    searchers = [("rl", {})] + (
+        [("ape", {"budget": args.ape_budget, **APE_OPTIONS})] if name in args.ape_tasks else []
+    )
+    if args.soft and "soft" in available_searchers():
+        searchers.append(("soft", {}))
+    for searcher, options in searchers:
+        runs = []
+        seeds = args.seeds if searcher == "rl" else args.seeds[:1]
+        for seed in seeds:
+            began = time.perf_counter()
+            result = ape.optimize(
+                task, model=lm, searcher=searcher, evaluator="choice", seed=seed,
+                progress=False, test_top=1, **options,
+            )  # fmt: skip
+            wall = time.perf_counter() - began
+            result.artifacts = {}  # policy weights (~9 MB a run) are not kept in the repository
+            result.save(out / "runs" / f"{name}-{searcher}-seed{seed}.json")
+            runs.append(
+                {
+                    "seed": seed,
+                    "prompt": result.best.instruction,
+                    "val": result.best.val_score,
+                    "test": result.best.test_score,
+                    "budget_used": result.budget_used,
+                    "wall_s": round(wall, 1),
+                    "curve": [
+                        [p["step"], p["reward"], p["accuracy"]]
+                        for p in result.extras.get("training_curve", [])
+                    ],
+                }
+            )
+            print(
+                f"[{name}] {searcher} seed {seed}: test {result.best.test_score:.3f} "
+                f"val {result.best.val_score:.3f} in {wall:.0f} s, "
+                f"{result.budget_used} units: {result.best.instruction!r}",
+                flush=True,
+            )
+        report["methods"][searcher] = {"runs": runs, "options": options}
+    for method in report["methods"].values():
+        tests = [r["test"] for r in method["runs"]]
+        method["test_mean"] = float(np.mean(tests))
+        method["test_std"] = float(np.std(tests))
+    return report
+
+
+APE_OPTIONS = {"num_subsamples": 2, "num_proposals": 4, "resample_rounds": 0}
+
+
+def write_markdown(reports: list[dict], meta: dict, path: Path) -> None:
+    lines = [
+        "# RL prompts vs baselines (16-shot classification, `choice` evaluator)",
+        "",
+        f"{meta['model']} on {meta['device']} ({meta['threads']} torch threads, shared machine: "
+        f"1-min load average {meta['load_before']:.1f} before, {meta['load_after']:.1f} after); "
+        f"torch {meta['torch']}; {meta['date']}.",
+        f"Test accuracy on a fixed seeded subsample of {meta['test_rows']} test rows; mean ± std "
+        f"over seeds {meta['seeds']} (rl, random); APE and soft: seed {meta['seeds'][0]} only.",
+        "",
+        "| task | method | test acc | val acc | budget (units) | wall s | prompt (first seed) |",
+        "|---|---|---:|---:|---:|---:|---|",
+    ]
+    for report in reports:
+        for name, method in report["methods"].items():
+            runs = method["runs"]
+            n = len(runs)
+            test = f"{method['test_mean']:.3f}" + (f" ± {method['test_std']:.3f}" if n > 1 else "")
+            val = np.mean([r["val"] for r in runs])
+            budget = np.mean([r.get("budget_used", 0) for r in runs])
+            wall = np.mean([r.get("wall_s", 0) for r in runs])
+            prompt = runs[0]["prompt"].replace("|", "\\|") or "(none)"
+            lines.append(
+                f"| {report['task']} | {name} (n={n}) | {test} | {val:.3f} | "
+                f"{budget:.0f} | {wall:.0f} | `{prompt}` |"
+            )
+    missing = "" if meta["soft"] else " The soft-prompt searcher was not run (see README)."
+    lines += ["", f"Budget: scored (prompt, example) pairs plus generated tokens.{missing}", ""]
+    path.write_text("\n".join(lines))
+
+
+def plot_curves(reports: list[dict], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot", file=sys.stderr)
+        return
+    fig, axes = plt.subplots(1, len(reports), figsize=(4.5 * len(reports), 3.4), squeeze=False)
+    for ax, report in zip(axes[0], reports, strict=True):
+        for run in report["methods"]["rl"]["runs"]:
+            curve = np.array(run["curve"], dtype=float)
+            if len(curve):
+                ax.plot(curve[:, 0], curve[:, 2], label=f"seed {run['seed']}")
+        ax.set_title(f"{report['task']}: rl training")
+        ax.set_xlabel("step")
+        ax.set_ylabel("mean train accuracy of sampled prompts")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tasks", nargs="+", default=["sst-2", "agnews", "mr"])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    parser.add_argument("--test-rows", type=int, default=200)
+    parser.add_argument("--ape-tasks", nargs="*", default=["sst-2", "agnews"])
+    parser.add_argument("--ape-budget", type=int, default=2000)
+    parser.add_argument("--soft", action="store_true", help="also run 'soft' when registered")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default="benchmarks/results/rl")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    lm = ape.load_model()
+    meta = {
+        "model": lm.name,
+        "device": f"{lm.device} ({platform.processor() or platform.machine()})",
+        "threads": args.threads,
+        "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "test_rows": args.test_rows,
+        "seeds": args.seeds,
+        "soft": bool(args.soft and "soft" in available_searchers()),
+        "load_before": os.getloadavg()[0],
+    }
+    reports = []
+    for name in args.tasks:
+        reports.append(run_task(name, args, lm, out))
+        meta["load_after"] = os.getloadavg()[0]
+        (out / "summary.json").write_text(json.dumps({"meta": meta, "tasks": reports}, indent=1))
+        write_markdown(reports, meta, out / "summary.md")
+        plot_curves(reports, out / "training_curves.png")
+    print((out / "summary.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
