@@ -45,17 +45,23 @@ def make_evaluator(name: str, task: Task, **options: Any):
 
 def evaluate(
     task: Task | str | os.PathLike,
-    instructions: Sequence[str],
+    instructions: Sequence[str | Prompt],
     model: LanguageModel | str | os.PathLike = DEFAULT_MODEL,
     evaluator: str = "loglik",
     split: str = "test",
     seed: int = 0,
     **evaluator_options: Any,
 ) -> list[float]:
-    """Mean score of each instruction on `split` (higher is better), in the order given."""
+    """Mean score of each instruction on `split` (higher is better), in the order given.
+
+    An item may also be a `Prompt`, e.g. a loaded soft prompt's `SoftPrompt.prompt()`.
+    """
+    from ape.soft_prompt import score_prompts
+
     task = resolve_task(task, seed=seed)
     examples = task.split(split)
     scorer = make_evaluator(evaluator, task, **evaluator_options)
     lm = resolve_model(model)
-    scores = scorer.score(lm, [Prompt(text) for text in instructions], examples)
+    prompts = [p if isinstance(p, Prompt) else Prompt(p) for p in instructions]
+    scores = score_prompts(scorer, lm, prompts, examples)
     return [float(row.mean()) for row in scores]

@@ -15,6 +15,11 @@
    suffix. No compute goes to padding, and matrix multiplies get long, efficient shapes.
 5. Only the scored positions are projected to the vocabulary.
 6. Batches are capped by a token budget that halves on out-of-memory instead of crashing.
+
+A soft prompt (trained vectors in the model's embedding space, see ape/soft_prompt.py) goes through
+the same path: its KV is computed once per call and every group's prefix, and every suffix,
+attends to it, exactly as to a text prefix. `loglikelihood_tensor` is the same computation with
+gradients on, so a soft prompt is trained through the scorer it is evaluated with.
 """
 
 from __future__ import annotations
@@ -133,31 +138,65 @@ class HFLanguageModel:
         return pairs
 
     # ---------------------------------------------------------------- scoring
-    @torch.inference_mode()
     def loglikelihood(
-        self, requests: Sequence[Request], *, return_counts: bool = False
+        self,
+        requests: Sequence[Request],
+        *,
+        return_counts: bool = False,
+        soft_prefix: torch.Tensor | None = None,
     ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
         """Summed log-prob of each continuation given its context, in request order.
 
         With `return_counts`, also the continuation token counts (for the per-token mean).
+        With `soft_prefix` ([n, d_model] vectors in the input-embedding space), every request's
+        model input starts with those n vectors, then the context's tokens.
         """
-        pairs = self.encode_pairs(requests)
-        sums = np.zeros(len(pairs), dtype=np.float64)
-        counts = np.array([len(cont) for _, cont in pairs], dtype=np.int64)
-        groups = _group_rows(self._rows(pairs))
-        prefixes = self._prefix_states(groups)
-        for batch in self._batches(groups):
-            self._with_backoff(self._forward_batch, batch, prefixes, sums)
+        with torch.inference_mode():
+            sums, counts = self.loglikelihood_tensor(requests, soft_prefix=soft_prefix)
+        sums = sums.cpu().numpy()
         return (sums, counts) if return_counts else sums
 
-    def _rows(self, pairs: list[tuple[list[int], list[int]]]) -> list[_Row]:
+    def loglikelihood_tensor(
+        self, requests: Sequence[Request], *, soft_prefix: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, np.ndarray]:
+        """`loglikelihood` as a float64 tensor (and the token counts), differentiable.
+
+        Gradients flow to `soft_prefix` when grad mode is on; freeze the model's own parameters
+        first (`requires_grad_(False)`) or backward also computes their (unused) gradients.
+        """
+        pairs = self.encode_pairs(requests)
+        counts = np.array([len(cont) for _, cont in pairs], dtype=np.int64)
+        soft = None if soft_prefix is None else self._soft_state(soft_prefix)
+        offset = 0 if soft_prefix is None else int(soft_prefix.shape[0])
+        groups = _group_rows(self._rows(pairs, offset))
+        prefixes = self._prefix_states(groups, soft)
+        reads: list[tuple[torch.Tensor, torch.Tensor]] = []
+        for batch in self._batches(groups):
+            self._with_backoff(self._forward_batch, batch, prefixes, reads, offset)
+        sums = torch.zeros(len(pairs), dtype=torch.float64, device=self.device)
+        if reads:
+            owners = torch.cat([owner for owner, _ in reads])
+            values = torch.cat([value for _, value in reads])
+            sums = sums.index_add(0, owners, values)
+        return sums, counts
+
+    def _soft_state(self, soft_prefix: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
+        """Per layer, the (keys, values) of the soft prefix, [1, heads, n, dim]: run once."""
+        if soft_prefix.ndim != 2 or soft_prefix.shape[0] == 0:
+            raise ValueError(f"a soft prefix is [n > 0, d_model], got {tuple(soft_prefix.shape)}")
+        embeds = soft_prefix.to(self.device, self.model.dtype)[None]
+        positions = torch.arange(embeds.shape[1], device=self.device)[None]
+        out = self.model.base_model(inputs_embeds=embeds, position_ids=positions, use_cache=True)
+        return [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+
+    def _rows(self, pairs: list[tuple[list[int], list[int]]], offset: int = 0) -> list[_Row]:
         rows: dict[tuple[int, ...], _Row] = {}
         for i, (context, continuation) in enumerate(pairs):
             whole = context + continuation
-            if len(whole) - 1 > self.max_length:
+            if offset + len(whole) - 1 > self.max_length:
                 raise ValueError(
-                    f"request {i} is {len(whole)} tokens long, more than the model's window of "
-                    f"{self.max_length} tokens; shorten its input or demonstrations"
+                    f"request {i} is {offset + len(whole)} tokens long, more than the model's "
+                    f"window of {self.max_length} tokens; shorten its input or demonstrations"
                 )
             tokens = tuple(whole[:-1])  # the last token is only a target, never an input
             start = len(context) - 1
@@ -168,10 +207,14 @@ class HFLanguageModel:
             row.reads.extend((start + j, tok, i) for j, tok in enumerate(continuation))
         return sorted(rows.values(), key=lambda r: r.tokens)
 
-    def _prefix_states(self, groups: list[_Group]) -> list[list[tuple[torch.Tensor, ...]]]:
+    def _prefix_states(
+        self, groups: list[_Group], soft: list[tuple[torch.Tensor, ...]] | None = None
+    ) -> list[list[tuple[torch.Tensor, ...]]]:
         """Per group, per layer: the (keys, values) of its shared prefix, [1, heads, prefix, dim].
 
-        All prefixes run together, packed into as few sequences as possible.
+        All prefixes run together, packed into as few sequences as possible. With a soft prefix's
+        KV `soft`, each prefix runs after it and its state starts with it; a group with no shared
+        text prefix gets the soft KV alone.
         """
         todo = [
             _Pack([_Row(g.rows[0].tokens[: g.prefix_len], 0)], 0, k)
@@ -182,16 +225,25 @@ class HFLanguageModel:
         # Each prefix is its own group, so packing would not merge them: just sort to cut padding.
         todo.sort(key=lambda p: p.size, reverse=True)
         for batch in _batched(todo, self.max_batch_tokens):
-            self._with_backoff(self._prefix_batch, batch, states)
+            self._with_backoff(self._prefix_batch, batch, states, soft)
+        if soft is not None:
+            for k, group in enumerate(groups):
+                if not group.prefix_len:
+                    states[k] = soft
         return states
 
-    def _prefix_batch(self, batch: list[_Pack], states: list) -> None:
-        packed = _pack(batch, 0, self.tokenizer.pad_token_id)
-        cache = self._run(packed, None, keep_cache=True).past_key_values
+    def _prefix_batch(self, batch: list[_Pack], states: list, soft=None) -> None:
+        offset = soft[0][0].shape[2] if soft else 0
+        packed = _pack(batch, offset, self.tokenizer.pad_token_id, offset=offset)
+        cache = _expanded_cache(self.model.config, soft, len(batch)) if soft else None
+        cache = self._run(packed, cache, keep_cache=True).past_key_values
         for b, pack in enumerate(batch):
-            ((start, end),) = packed.spans[b]  # prefix packs hold one row each
+            # A prefix pack holds one row, so it starts at slot 0 after the soft prefix's
+            # `offset` slots: its state is the soft prefix's slots followed by its own.
+            ((_, end),) = packed.spans[b]
+            keep = slice(0, offset + end)
             states[pack.group] = [
-                (layer.keys[b : b + 1, :, start:end], layer.values[b : b + 1, :, start:end])
+                (layer.keys[b : b + 1, :, keep], layer.values[b : b + 1, :, keep])
                 for layer in cache.layers
             ]
 
@@ -223,10 +275,15 @@ class HFLanguageModel:
             self._with_backoff(step, singles[half:], *args)
 
     def _forward_batch(
-        self, packs: list[_Pack], prefixes: list[list[tuple[torch.Tensor, ...]]], sums: np.ndarray
+        self,
+        packs: list[_Pack],
+        prefixes: list[list[tuple[torch.Tensor, ...]]],
+        reads: list[tuple[torch.Tensor, torch.Tensor]],
+        offset: int = 0,
     ) -> None:
-        width = max(p.prefix_len for p in packs)
-        packed = _pack(packs, width, self.tokenizer.pad_token_id)
+        """Score one batch; append (request index, log-prob) per read token to `reads`."""
+        width = offset + max(p.prefix_len for p in packs)
+        packed = _pack(packs, width, self.tokenizer.pad_token_id, offset=offset)
         cache = _prefix_cache(self.model.config, packs, prefixes, width) if width else None
         # [packs, width, d_model]
         hidden = self._run(packed, cache, keep_cache=False).last_hidden_state
@@ -235,7 +292,8 @@ class HFLanguageModel:
         logprobs = self._project(selected).log_softmax(-1)  # [n_reads, vocab]
         targets = packed.read_target.to(device)
         picked = logprobs[torch.arange(len(targets), device=device), targets]
-        np.add.at(sums, packed.read_owner, picked.double().cpu().numpy())
+        owner = torch.from_numpy(packed.read_owner).to(device)
+        reads.append((owner, picked.double()))
 
     def _run(self, packed: _PackedBatch, cache, keep_cache: bool):
         """One forward pass of the decoder (no vocabulary head) over a packed batch."""
@@ -407,11 +465,12 @@ class _PackedBatch:
     read_owner: np.ndarray  # per read: the request it belongs to
 
 
-def _pack(packs: list[_Pack], prefix_width: int, pad_id: int) -> _PackedBatch:
+def _pack(packs: list[_Pack], prefix_width: int, pad_id: int, offset: int = 0) -> _PackedBatch:
     """Lay rows side by side; each query sees its pack's prefix and its own row, causally.
 
     `prefix_width` is the cached prefix length of the batch (the longest of its packs); a pack
-    with a shorter prefix sees only the first `pack.prefix_len` cached slots.
+    with a shorter prefix sees only the first `offset + pack.prefix_len` cached slots. `offset`
+    is the length of a soft prefix before every row's tokens (0: none).
     """
     width = max(p.size for p in packs)
     ids = torch.full((len(packs), width), pad_id, dtype=torch.long)
@@ -427,9 +486,9 @@ def _pack(packs: list[_Pack], prefix_width: int, pad_id: int) -> _PackedBatch:
             suffix = row.tokens[p:]
             end = start + len(suffix)
             ids[b, start:end] = torch.tensor(suffix)
-            positions[b, start:end] = torch.arange(p, p + len(suffix))
+            positions[b, start:end] = torch.arange(offset + p, offset + p + len(suffix))
             segment[b, start:end] = k
-            sees_prefix[b, start:end, :p] = True
+            sees_prefix[b, start:end, : offset + p] = True
             spans[-1].append((start, end))
             for pos, target, owner in row.reads:
                 read_pack.append(b)
@@ -458,11 +517,11 @@ def _prefix_cache(config, packs: list[_Pack], prefixes, width: int) -> DynamicCa
     Padded slots are masked out in `_pack`, so their zeros are never attended to.
     """
     cache = DynamicCache(config=config)
-    some = next(prefixes[p.group] for p in packs if p.prefix_len)
+    some = next(prefixes[p.group] for p in packs if prefixes[p.group])
     for layer, (k0, _) in enumerate(some):
         keys, values = [], []
         for pack in packs:
-            if pack.prefix_len:
+            if prefixes[pack.group]:
                 k, v = prefixes[pack.group][layer]
             else:
                 k = v = k0[:, :, :0]
@@ -470,6 +529,14 @@ def _prefix_cache(config, packs: list[_Pack], prefixes, width: int) -> DynamicCa
             keys.append(torch.nn.functional.pad(k, pad))
             values.append(torch.nn.functional.pad(v, pad))
         cache.update(torch.cat(keys), torch.cat(values), layer)
+    return cache
+
+
+def _expanded_cache(config, state: list[tuple[torch.Tensor, ...]], batch: int) -> DynamicCache:
+    """A KV cache holding one prefix's state (a soft prefix) for each of `batch` rows."""
+    cache = DynamicCache(config=config)
+    for layer, (keys, values) in enumerate(state):
+        cache.update(keys.expand(batch, -1, -1, -1), values.expand(batch, -1, -1, -1), layer)
     return cache
 
 

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from ape.lm import LanguageModel
 from ape.prompt import Prompt
 from ape.result import Artifact
+from ape.soft_prompt import score_prompts
 from ape.study import TrialStore, content_hash
 from ape.task import Example, Task
 
@@ -454,7 +455,7 @@ def score_grouped(evaluator, lm: LanguageModel, todo) -> list[np.ndarray]:
         groups[tuple(e.key() for e in examples)].append(i)
     rows: list[np.ndarray] = [np.empty(0)] * len(todo)
     for members in groups.values():
-        grid = evaluator.score(lm, [todo[i][0] for i in members], todo[members[0]][1])
+        grid = score_prompts(evaluator, lm, [todo[i][0] for i in members], todo[members[0]][1])
         for i, row in zip(members, grid, strict=True):
             rows[i] = np.asarray(row, dtype=np.float64)
     return rows

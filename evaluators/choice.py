@@ -54,6 +54,11 @@ class ChoiceEvaluator:
             )
         return list(verbalizers)
 
+    def label_words(self, examples: Sequence[Example]) -> tuple[list[str], list[str]]:
+        """The labels, in `label_logprobs` order, and the word scored for each."""
+        labels = self.resolve_labels(examples)
+        return labels, self._words(labels)
+
     def label_logprobs(
         self, lm: LanguageModel, prompts: Sequence[Prompt], examples: Sequence[Example]
     ) -> np.ndarray:
