@@ -44,7 +44,7 @@ DEFAULT_INIT_TEXT = "Read the input and give the right output."
 class SoftPromptSearcher:
     name: ClassVar[str] = "soft"
 
-    n_tokens: int = option(8, "virtual tokens: trained vectors placed before the input")
+    n_tokens: int = option(16, "virtual tokens: trained vectors placed before the input")
     init: str = option(
         "text",
         "starting vectors: 'text' (the embeddings of --init-text, tiled or trimmed to n), "
@@ -53,7 +53,8 @@ class SoftPromptSearcher:
     )
     init_text: str = option(
         "",
-        "text for init 'text' (default: the task's first human instruction, else "
+        "text for init 'text' (default: the task's first human instruction; else, with the "
+        "choice evaluator, 'Answer with one word: W1, W2 or W3.' naming the label words; else "
         f"{DEFAULT_INIT_TEXT!r})",
     )
     mode: str = option(
@@ -61,11 +62,11 @@ class SoftPromptSearcher:
         "'continuous' (prompt tuning) or 'pez' (forward and gradient at the nearest tokens, so "
         "the prompt stays a token sequence)",
     )
-    lr: float = option(0.003, "AdamW learning rate")
+    lr: float = option(0.01, "AdamW learning rate")
     weight_decay: float = option(0.0, "AdamW weight decay (pulls the vectors toward zero)")
-    steps: int = option(60, "training steps at most")
+    steps: int = option(20, "training steps at most")
     batch_size: int = option(8, "training examples per step")
-    eval_every: int = option(10, "steps between checkpoints scored on the validation pool")
+    eval_every: int = option(5, "steps between checkpoints scored on the validation pool")
     patience: int = option(3, "stop after this many checkpoints without a better validation score")
 
     def __post_init__(self) -> None:
@@ -91,7 +92,7 @@ class SoftPromptSearcher:
         template = Prompt("")  # the text after the vectors: the no-instruction template
         loss_fn = make_loss(objective.evaluator, lm, template, task.train + objective.val_pool)
         generator = torch.Generator().manual_seed(objective.seed)
-        text = self.init_text or (task.human_instructions or [DEFAULT_INIT_TEXT])[0]
+        text = self.init_text or _default_text(objective)
         start, start_ids = initial_vectors(lm, self.init, self.n_tokens, text, generator)
         vectors = torch.nn.Parameter(start.to(lm.device, lm.model.dtype))
         optimizer = torch.optim.AdamW([vectors], lr=self.lr, weight_decay=self.weight_decay)
@@ -188,6 +189,19 @@ class _Run:
                 [Prompt(text.strip())], self.objective.val_pool, origin="soft: nearest tokens"
             )[0]
             projection["val_score"] = float(np.mean(row))
+
+
+def _default_text(objective: Objective) -> str:
+    """The task's own instruction, else the label words (class-label init, as in Lester et al.),
+    else a generic instruction."""
+    if objective.task.human_instructions:
+        return objective.task.human_instructions[0]
+    evaluator = objective.evaluator
+    if hasattr(evaluator, "label_words"):
+        _, words = evaluator.label_words(objective.task.train + objective.val_pool)
+        listed = ", ".join(words[:-1]) + f" or {words[-1]}" if len(words) > 1 else words[0]
+        return f"Answer with one word: {listed}."
+    return DEFAULT_INIT_TEXT
 
 
 def _check_setup(objective: Objective) -> None:

@@ -335,3 +335,16 @@ def _sentiment_task() -> Task:
         labels=["negative", "positive"],
         verbalizers={"negative": "bad", "positive": "good"},
     )
+
+
+def test_default_init_text_names_the_label_words(tiny_lm, single_thread):
+    result = ape.optimize(
+        _sentiment_task(),
+        model=tiny_lm,
+        searcher="soft",
+        evaluator="choice",
+        progress=False,
+        steps=1,
+        n_tokens=2,
+    )
+    assert result.extras["soft_prompt"]["init_text"] == "Answer with one word: bad or good."
