@@ -64,9 +64,9 @@ class SoftPromptSearcher:
     )
     lr: float = option(0.01, "AdamW learning rate")
     weight_decay: float = option(0.0, "AdamW weight decay (pulls the vectors toward zero)")
-    steps: int = option(20, "training steps at most")
+    steps: int = option(30, "training steps at most")
     batch_size: int = option(8, "training examples per step")
-    eval_every: int = option(5, "steps between checkpoints scored on the validation pool")
+    eval_every: int = option(10, "steps between checkpoints scored on the validation pool")
     patience: int = option(3, "stop after this many checkpoints without a better validation score")
 
     def __post_init__(self) -> None:

@@ -2,7 +2,7 @@
 
 Usage:
     python benchmarks/classification/run.py [--datasets sst-2,mr] [--seeds 13,21,42,87,100]
-        [--test-rows 300] [--steps 20] [--lr 0.01] [--out benchmarks/results/classification]
+        [--test-rows 300] [--steps 30] [--lr 0.01] [--out benchmarks/results/classification]
 
 Per dataset and seed, `ape.optimize(searcher="soft", evaluator="choice")` trains a soft prompt on
 seeds/SEED/train.jsonl (16 per class), picks its checkpoint on seeds/SEED/dev.jsonl, and its test
@@ -166,10 +166,10 @@ def main() -> None:
     parser.add_argument("--seeds", default=",".join(map(str, SEEDS)))
     parser.add_argument("--test-rows", type=int, default=300)
     parser.add_argument("--n-tokens", type=int, default=16)
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--lr", type=float, default=0.01)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--eval-every", type=int, default=5)
+    parser.add_argument("--eval-every", type=int, default=10)
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args()
     args.datasets = args.datasets.split(",")
