@@ -150,7 +150,7 @@ def write_markdown(reports: list[dict], meta: dict, path: Path) -> None:
         f"1-min load average {meta['load_before']:.1f} before, {meta['load_after']:.1f} after); "
         f"torch {meta['torch']}; {meta['date']}.",
         f"Test accuracy on a fixed seeded subsample of {meta['test_rows']} test rows; mean ± std "
-        f"over seeds {meta['seeds']} (rl, random); APE and soft: seed {meta['seeds'][0]} only.",
+        f"over the seeds listed per row (rl, random); APE and soft: one seed.",
         "",
         "| task | method | test acc | val acc | budget (units) | wall s | prompt (first seed) |",
         "|---|---|---:|---:|---:|---:|---|",
@@ -222,7 +222,11 @@ def main() -> None:
         "soft": bool(args.soft and "soft" in available_searchers()),
         "load_before": os.getloadavg()[0],
     }
-    reports = []
+    # Tasks from an earlier invocation into the same folder are kept (and listed first).
+    summary = out / "summary.json"
+    earlier = json.loads(summary.read_text())["tasks"] if summary.exists() else []
+    reports = [r for r in earlier if r["task"] not in args.tasks]
+    meta["earlier_runs"] = sorted({r["task"] for r in reports})
     for name in args.tasks:
         reports.append(run_task(name, args, lm, out))
         meta["load_after"] = os.getloadavg()[0]
