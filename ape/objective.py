@@ -148,20 +148,7 @@ class Objective:
         and `BudgetExhausted` is raised.
         """
         keyed = [_Keyed(p, list(exs)) for p, exs in requests]
-        new = list(
-            dict.fromkeys(
-                (r.key, ek)
-                for r in keyed
-                for ek in r.example_keys
-                if (r.key, ek) not in self._charged
-            )
-        )
-        allowed = len(new)
-        if self.budget.limit is not None:
-            allowed = int(min(allowed, self.budget.remaining))
-        self._charged.update(new[:allowed])
-        self.budget.pairs += allowed
-        self._bar.update(allowed)
+        exhausted = self._charge_pairs(keyed)
 
         self.add_candidates([r.prompt for r in keyed], origin)
         self._compute(keyed, lambda pair: pair in self._charged, split="val")
@@ -181,7 +168,7 @@ class Objective:
                     candidate.val[ek] = float(value)
             results.append(row)
         self._note_best(keyed)
-        if allowed < len(new):
+        if exhausted:
             raise BudgetExhausted(f"budget of {self.budget.limit} units reached")
         return results
 
@@ -200,20 +187,7 @@ class Objective:
         workers.
         """
         keyed = [_Keyed(p, list(examples)) for p in prompts]
-        new = list(
-            dict.fromkeys(
-                (r.key, ek)
-                for r in keyed
-                for ek in r.example_keys
-                if (r.key, ek) not in self._charged
-            )
-        )
-        allowed = len(new)
-        if self.budget.limit is not None:
-            allowed = int(min(allowed, self.budget.remaining))
-        self._charged.update(new[:allowed])
-        self.budget.pairs += allowed
-        self._bar.update(allowed)
+        exhausted = self._charge_pairs(keyed)
         self.add_candidates(prompts, origin)
 
         choice = hasattr(self.evaluator, "label_logprobs")
@@ -257,7 +231,7 @@ class Objective:
             for j, ek in enumerate(r.example_keys):
                 if (r.key, ek) in self._details:
                     out[i, j] = self._details[(r.key, ek)]
-        if allowed < len(new):
+        if exhausted:
             raise BudgetExhausted(f"budget of {self.budget.limit} units reached")
         return out
 
@@ -381,6 +355,27 @@ class Objective:
             self.history[-1] = point  # nothing spent since: the newer best replaces the point
         elif not self.history or self.history[-1][1] != best:
             self.history.append(point)
+
+    def _charge_pairs(self, keyed: list[_Keyed]) -> bool:
+        """Charge one unit per pair new to this run, in request order, as far as the budget goes.
+
+        Returns True when some new pairs did not fit (they stay uncharged and unscored).
+        """
+        new = list(
+            dict.fromkeys(
+                (r.key, ek)
+                for r in keyed
+                for ek in r.example_keys
+                if (r.key, ek) not in self._charged
+            )
+        )
+        allowed = len(new)
+        if self.budget.limit is not None:
+            allowed = int(min(allowed, self.budget.remaining))
+        self._charged.update(new[:allowed])
+        self.budget.pairs += allowed
+        self._bar.update(allowed)
+        return allowed < len(new)
 
     def charge(self, units: int) -> None:
         """Spend `units` on compute no trial records (a soft prompt's training step, say).
