@@ -103,14 +103,19 @@ def run_task(name: str, args, lm, out: Path) -> dict:
         runs = []
         seeds = args.seeds if searcher == "rl" else args.seeds[:1]
         for seed in seeds:
-            began = time.perf_counter()
-            result = ape.optimize(
-                task, model=lm, searcher=searcher, evaluator="choice", seed=seed,
-                progress=False, test_top=1, **options,
-            )  # fmt: skip
-            wall = time.perf_counter() - began
-            result.artifacts = {}  # policy weights (~9 MB a run) are not kept in the repository
-            result.save(out / "runs" / f"{name}-{searcher}-seed{seed}.json")
+            saved = out / "runs" / f"{name}-{searcher}-seed{seed}.json"
+            if saved.exists() and not args.rerun:  # a finished run of an interrupted benchmark
+                result = ape.Result.load(saved)
+                wall = result.timings["total_s"]
+            else:
+                began = time.perf_counter()
+                result = ape.optimize(
+                    task, model=lm, searcher=searcher, evaluator="choice", seed=seed,
+                    progress=False, test_top=1, **options,
+                )  # fmt: skip
+                wall = time.perf_counter() - began
+                result.artifacts = {}  # policy weights (~9 MB a run) are not kept in the repo
+                result.save(saved)
             runs.append(
                 {
                     "seed": seed,
@@ -164,8 +169,14 @@ def write_markdown(reports: list[dict], meta: dict, path: Path) -> None:
             budget = np.mean([r.get("budget_used", 0) for r in runs])
             wall = np.mean([r.get("wall_s", 0) for r in runs])
             prompt = runs[0]["prompt"].replace("|", "\\|") or "(none)"
+            seeds = [r["seed"] for r in runs if "seed" in r]
+            label = (
+                f"{name} (seed{'s' if n > 1 else ''} {', '.join(map(str, seeds))})"
+                if seeds
+                else name
+            )
             lines.append(
-                f"| {report['task']} | {name} (n={n}) | {test} | {val:.3f} | "
+                f"| {report['task']} | {label} | {test} | {val:.3f} | "
                 f"{budget:.0f} | {wall:.0f} | `{prompt}` |"
             )
     missing = "" if meta["soft"] else " The soft-prompt searcher was not run (see README)."
@@ -186,11 +197,16 @@ def plot_curves(reports: list[dict], path: Path) -> None:
     for ax, report in zip(axes[0], reports, strict=True):
         for run in report["methods"]["rl"]["runs"]:
             curve = np.array(run["curve"], dtype=float)
-            if len(curve):
-                ax.plot(curve[:, 0], curve[:, 2], label=f"seed {run['seed']}")
+            if not len(curve):
+                continue
+            (line,) = ax.plot(curve[:, 0], curve[:, 1], lw=0.7, alpha=0.5)
+            window = min(5, len(curve))
+            smooth = np.convolve(curve[:, 1], np.ones(window) / window, mode="valid")
+            ax.plot(curve[window - 1 :, 0], smooth, color=line.get_color(), lw=2,
+                    label=f"seed {run['seed']} (5-step mean)")  # fmt: skip
         ax.set_title(f"{report['task']}: rl training")
         ax.set_xlabel("step")
-        ax.set_ylabel("mean train accuracy of sampled prompts")
+        ax.set_ylabel("mean reward of the step's prompts")
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -205,6 +221,7 @@ def main() -> None:
     parser.add_argument("--ape-budget", type=int, default=2000)
     parser.add_argument("--soft", action="store_true", help="also run 'soft' when registered")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rerun", action="store_true", help="ignore finished runs in OUT/runs")
     parser.add_argument("--out", default="benchmarks/results/rl")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
