@@ -153,7 +153,8 @@ def table(rows: list[dict[str, Any]], fixed: dict[str, dict], args) -> str:
         manual, none = fixed[dataset]["manual_test"], runs[0]["none_test"]
         lines.append(
             f"| {dataset} | {'yes' if dataset in TUNED_ON else 'no'} | "
-            f"{soft.mean():.3f} ± {soft.std(ddof=1) if len(soft) > 1 else 0:.3f} | {len(runs)} | "
+            f"{soft.mean():.3f}{f' ± {soft.std(ddof=1):.3f}' if len(soft) > 1 else ''} | "
+            f"{len(runs)} ({', '.join(str(r['seed']) for r in runs)}) | "
             f"{manual:.3f} | {none:.3f} | {soft.mean() - manual:+.3f} | "
             f"{np.median([r['seconds'] for r in runs]):.0f} |"
         )
@@ -171,11 +172,28 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--eval-every", type=int, default=10)
     parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument(
+        "--summary-only", action="store_true", help="rewrite the summary from the finished runs"
+    )
     args = parser.parse_args()
     args.datasets = args.datasets.split(",")
     seeds = [int(s) for s in args.seeds.split(",")]
     out: Path = args.out
     (out / "runs").mkdir(parents=True, exist_ok=True)
+    if args.summary_only:
+        rows = [
+            json.loads((out / "runs" / f"{d}-soft-seed{s}.summary.json").read_text())
+            for s in seeds
+            for d in args.datasets
+            if (out / "runs" / f"{d}-soft-seed{s}.summary.json").exists()
+        ]
+        fixed = {
+            d: json.loads((out / "runs" / f"{d}-fixed.json").read_text())
+            for d in args.datasets
+            if (out / "runs" / f"{d}-fixed.json").exists()
+        }
+        write(out, rows, fixed, args)
+        return
     lm = ape.load_model()
     rows, fixed = [], {}
     # Seeds outermost: cut off at any point, every dataset has about as many seeds as the others.
@@ -209,6 +227,16 @@ def write(out: Path, rows: list[dict], fixed: dict, args) -> None:
         f"from the manual instruction, AdamW lr {args.lr}, at most {args.steps} steps of "
         f"{args.batch_size}, checkpoint every {args.eval_every} steps picked on dev.\n\n"
         + table(rows, fixed, args)
+        + "\nPer run (dev = the seed's dev split, 16 per class; projection = the best vectors' "
+        "nearest tokens scored as an instruction):\n\n"
+        + "| dataset | seed | soft test | soft dev | best step | no-prompt dev | projection dev "
+        "| wall s |\n|---|---:|---:|---:|---:|---:|---:|---:|\n"
+        + "".join(
+            f"| {r['dataset']} | {r['seed']} | {r['soft_test']:.3f} | {r['soft_dev']:.3f} | "
+            f"{r['best_step']} | {r['none_dev']:.3f} | {r['projection_dev']:.3f} | "
+            f"{r['seconds']:.0f} |\n"
+            for r in rows
+        )
     )
 
 
