@@ -348,3 +348,42 @@ def test_default_init_text_names_the_label_words(tiny_lm, single_thread):
         n_tokens=2,
     )
     assert result.extras["soft_prompt"]["init_text"] == "Answer with one word: bad or good."
+
+
+def test_cli_optimize_with_the_soft_searcher(tiny_model_dir, tmp_path, capsys, single_thread):
+    from ape.cli import main
+
+    data = tmp_path / "data.jsonl"
+    data.write_text(
+        "".join(json.dumps({"input": e.input, "output": e.output}) + "\n" for e in _examples())
+    )
+    out = tmp_path / "run.json"
+    code = main(
+        [
+            "optimize",
+            str(data),
+            "--model",
+            str(tiny_model_dir),
+            "--searcher",
+            "soft",
+            "--evaluator",
+            "choice",
+            "--steps",
+            "2",
+            "--eval-every",
+            "1",
+            "--n-tokens",
+            "3",
+            "--storage",
+            "memory",
+            "--out",
+            str(out),
+            "--quiet",
+        ]
+    )
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "<soft prompt: 3 vectors" in printed and "soft: nearest tokens" in printed
+    folder = Result.load(out).file("soft_prompt", out)
+    assert f"--soft-prompt {folder}" in printed
+    assert SoftPrompt.load(folder).n == 3
