@@ -48,7 +48,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ape.models import DEFAULT_MODEL
-from ape.result import Result
+from ape.result import Result, finite
 from ape.task import TaskError
 
 KEYS = (
@@ -428,7 +428,7 @@ def summarize(config: BenchConfig, runs: list[Run] | None = None) -> Summary:
     config.out.mkdir(parents=True, exist_ok=True)
     md, js = config.out / "summary.md", config.out / "summary.json"
     md.write_text(markdown, encoding="utf-8")
-    js.write_text(json.dumps(_finite(data), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    js.write_text(json.dumps(finite(data), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return Summary(markdown, data, [md, js, *files])
 
 
@@ -595,15 +595,4 @@ def _plain(value: Any) -> Any:
         return [_plain(v) for v in value]
     if isinstance(value, dict):
         return {k: _plain(v) for k, v in value.items()}
-    return value
-
-
-def _finite(value: Any) -> Any:
-    """NaN and infinities become null so the file is strict JSON."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_finite(v) for v in value]
     return value

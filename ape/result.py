@@ -82,7 +82,7 @@ class Result:
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)  # artifacts are objects, not data: they are saved as files
         data.pop("artifacts")
-        return _finite(data)
+        return finite(data)
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Result:
@@ -128,12 +128,12 @@ class Result:
             raise ValueError(f"{source}: not an ape result ({err})") from None
 
 
-def _finite(value: Any) -> Any:
+def finite(value: Any) -> Any:
     """NaN becomes null so the file is strict JSON."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
+        return {k: finite(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_finite(v) for v in value]
+        return [finite(v) for v in value]
     return value
