@@ -36,6 +36,19 @@ def tiny_lm(tokenizer) -> HFLanguageModel:
     return HFLanguageModel(model, tokenizer, name="tiny")
 
 
+# APE, small: two stages of bandit rounds over a handful of proposals, seconds on the tiny model.
+SMALL_APE = dict(
+    num_subsamples=2,
+    num_proposals=3,
+    rounds=2,
+    resample_rounds=1,
+    top_k=2,
+    variations=2,
+    finalists=2,
+    max_new_tokens=8,
+)
+
+
 # Forty short words; the synthetic task maps each to its reverse.
 WORDS = (
     "apple river stone cloud green table light music paper house water bread chair plant night "

@@ -15,6 +15,7 @@ import time
 import numpy as np
 import pytest
 import torch
+from conftest import SMALL_APE
 
 import ape
 import ape.api
@@ -25,18 +26,7 @@ from ape.result import Result
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-# APE, small: two stages of bandit rounds over a handful of proposals, seconds on the tiny model.
-KNOBS = dict(
-    num_subsamples=2,
-    num_proposals=3,
-    rounds=2,
-    resample_rounds=1,
-    top_k=2,
-    variations=2,
-    finalists=2,
-    max_new_tokens=8,
-    templates="forward",
-)
+KNOBS = {**SMALL_APE, "templates": "forward"}
 
 
 def _optimize(task_file, lm, storage=None, **overrides):

@@ -7,6 +7,7 @@ import zlib
 
 import numpy as np
 import pytest
+from conftest import SMALL_APE
 
 import ape
 from ape.objective import BudgetExhausted, Objective
@@ -27,16 +28,7 @@ from search.proposal import (
 # Small APE knobs: a run on the tiny model takes seconds.
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-APE_KNOBS = dict(
-    num_subsamples=2,
-    num_proposals=3,
-    rounds=2,
-    resample_rounds=1,
-    top_k=2,
-    variations=2,
-    finalists=2,
-    max_new_tokens=8,
-)
+APE_KNOBS = SMALL_APE
 
 
 # --------------------------------------------------------------------------------- proposal

@@ -20,21 +20,13 @@ from pathlib import Path
 
 import optuna
 import pytest
+from conftest import SMALL_APE
 
 import ape
 from ape.study import SPEC_ATTR, STATE_ATTR, TrialStore, prompt_key_of
 from ape.worker import shared_storage
 
-APE_KNOBS = dict(
-    num_subsamples=2,
-    num_proposals=3,
-    rounds=3,
-    resample_rounds=1,
-    top_k=2,
-    variations=2,
-    finalists=2,
-    max_new_tokens=8,
-)
+APE_KNOBS = {**SMALL_APE, "rounds": 3}
 
 
 def _pairs_scored(storage: str, study: str) -> collections.Counter:
