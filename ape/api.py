@@ -43,6 +43,7 @@ def optimize(
     *,
     val_examples: int = 100,
     test_top: int = 3,
+    test_examples: int | None = None,
     progress: bool = True,
     workers: int = 0,
     **options: Any,
@@ -52,6 +53,7 @@ def optimize(
     The searcher's candidates are selected on the validation split; the `test_top` best are then
     scored once on the test split, next to the task with no instruction. `budget` caps scored
     (prompt, example) pairs plus generated tokens (None: the searcher's own schedule). With a
+    `test_examples` scores them on a seeded sample of that many test rows (default: all). With a
     persistent `storage` (e.g. ``"sqlite:///run.db"``), a run interrupted at any moment resumes
     from what it stored. With `workers` > 0, scoring goes to that many local worker processes
     sharing `storage` (a database URL; more can join from other machines, see ape/worker.py).
@@ -68,7 +70,11 @@ def optimize(
         raise ValueError(f"workers must be 0 or more, got {workers}")
     if workers:
         shared_storage(storage)
+    if test_examples is not None and test_examples <= 0:
+        raise ValueError(f"test_examples must be positive, got {test_examples}")
     task = resolve_task(task_or_path, seed=seed)
+    if test_examples is not None:
+        task = task.sample_test(test_examples, seed)
     scorer_options = evaluator_options(evaluator, task)
     scorer = make_evaluator(evaluator, task, **scorer_options)
     search = get_searcher(searcher, **options)  # bad names and options fail before the model loads
@@ -122,6 +128,7 @@ def optimize(
         "storage": storage,
         "study": study_name,
         "seed": seed,
+        "test_examples": len(task.test),
     }
     try:
         result = _search(search, objective, meta, started, test_top)

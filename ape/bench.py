@@ -14,6 +14,7 @@ A config file, JSON (or TOML when it ends in ``.toml``), names the grid::
       "out": "results",                         # default: <config stem>-results beside the config
       "storage": "sqlite:///...",               # default: sqlite:///OUT/studies.db
       "val_examples": 100, "test_top": 3,       # as in optimize() (defaults shown)
+      "test_examples": 500,                     # as in optimize() (default: every test row)
       "device": "cpu", "dtype": "float32"       # default: as load_model chooses
     }
 
@@ -62,6 +63,7 @@ KEYS = (
     "storage",
     "val_examples",
     "test_top",
+    "test_examples",
     "device",
     "dtype",
 )
@@ -94,6 +96,7 @@ class BenchConfig:
     evaluator: str = "loglik"
     val_examples: int = 100
     test_top: int = 3
+    test_examples: int | None = None
     device: str | None = None
     dtype: str | None = None
 
@@ -169,7 +172,7 @@ def load_config(path: str | Path) -> BenchConfig:
     if len(set(seeds)) < len(seeds):
         raise fail("seeds", f"lists a seed twice: {seeds!r}")
     settings: dict[str, Any] = {}
-    for key, minimum in (("budget", 1), ("val_examples", 1), ("test_top", 1)):
+    for key, minimum in (("budget", 1), ("val_examples", 1), ("test_top", 1), ("test_examples", 1)):
         if key in raw:
             value = raw[key]
             if not _is_int(value) or value < minimum:
@@ -357,6 +360,7 @@ def run_bench(config: BenchConfig, *, progress: bool = True) -> Summary:
                         study=run.name,
                         val_examples=config.val_examples,
                         test_top=config.test_top,
+                        test_examples=config.test_examples,
                         progress=progress,
                         **run.searcher.options,
                     )

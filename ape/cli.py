@@ -143,6 +143,11 @@ def _add_optimize(commands) -> None:
         default=3,
         help="best candidates scored on the test split (default: 3)",
     )
+    optimize.add_argument(
+        "--test-examples",
+        type=int,
+        help="score the finalists on a seeded sample of this many test rows (default: all)",
+    )
     optimize.add_argument("--top", type=int, default=10, help="leaderboard rows to print")
     optimize.add_argument(
         "--workers",
@@ -262,6 +267,10 @@ def _run_optimize(args: argparse.Namespace) -> int:
     options = _searcher_arguments(args)
     if args.budget is not None and args.budget <= 0:
         raise ValueError(f"--budget must be a positive number of units, got {args.budget}")
+    for flag in ("val_examples", "test_top", "test_examples"):
+        value = getattr(args, flag)
+        if value is not None and value <= 0:
+            raise ValueError(f"--{flag.replace('_', '-')} must be positive, got {value}")
     task = load_task(args.data, val=args.val, test=args.test, seed=args.seed)
     make_evaluator(args.evaluator, task)  # bad names fail before the slow model load
     get_searcher(args.searcher, **options)
@@ -280,6 +289,7 @@ def _run_optimize(args: argparse.Namespace) -> int:
             study=args.study,
             val_examples=args.val_examples,
             test_top=args.test_top,
+            test_examples=args.test_examples,
             progress=not args.quiet,
             workers=args.workers,
             **options,
@@ -338,7 +348,7 @@ CONFIG is a JSON file (or TOML, *.toml) with the keys:
   model         default: smollm2-135m;  evaluator: default loglik
   out           output folder (default: <config name>-results beside the config)
   storage       Optuna storage URL (default: sqlite:///OUT/studies.db)
-  val_examples, test_top, device, dtype: as for 'ape optimize'
+  val_examples, test_top, test_examples, device, dtype: as for 'ape optimize'
 
 Writes OUT/runs/TASK-SEARCHER-seedSEED.json (one result per run), OUT/summary.md,
 OUT/summary.json and OUT/plots/TASK.png (plots need matplotlib: the 'plot'
@@ -412,9 +422,11 @@ def print_result(result, top: int = 10) -> None:
         return
     print(f"\nbest instruction: {result.best.instruction or '(no instruction)'}")
     ref = result.reference
+    rows = f" on {result.test_examples} test rows" if result.test_examples else ""
     print(
         f"test score: {fmt(result.best.test_score)}"
         + (f"   (no instruction: {fmt(ref.test_score)})" if ref is not None else "")
+        + rows
     )
     print(
         f"val score:  {fmt(result.best.val_score)}"

@@ -27,6 +27,9 @@ from ape.soft_prompt import score_prompts
 from ape.study import TrialStore, content_hash
 from ape.task import Example, Task
 
+# Test examples scored and stored together when a result's evidence is computed.
+EVIDENCE_CHUNK = 128
+
 
 class BudgetExhausted(Exception):
     """The budget cap is reached; what fit under it was scored and recorded."""
@@ -311,7 +314,20 @@ class Objective:
         examples = self.val_pool if split == "val" else self.task.test
         keyed = [_Keyed(p, examples) for p in prompts]
         self.add_candidates(prompts, "reference")
-        self._compute(keyed, lambda pair: True, split=split)
+        # In chunks, each stored when done: a large test split shows progress, and an interrupted
+        # run resumes from the last stored chunk instead of scoring the split again.
+        bar = tqdm(
+            total=len(prompts) * len(examples),
+            desc=f"scoring {split}",
+            unit="pair",
+            disable=not self._progress or split == "val",
+            dynamic_ncols=True,
+        )
+        for start in range(0, len(examples), EVIDENCE_CHUNK):
+            chunk = examples[start : start + EVIDENCE_CHUNK]
+            self._compute([_Keyed(p, chunk) for p in prompts], lambda pair: True, split=split)
+            bar.update(len(prompts) * len(chunk))
+        bar.close()
         rows = []
         for r in keyed:
             row = np.array([self.store.scores[(r.key, ek)] for ek in r.example_keys])

@@ -65,6 +65,7 @@ class Result:
     options: dict[str, Any] = field(default_factory=dict)
     storage: str | None = None
     study: str = ""
+    test_examples: int | None = None  # test rows the finalists were scored on
     timings: dict[str, float] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=dict)
     interrupted: bool = False

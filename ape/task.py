@@ -11,9 +11,10 @@ import hashlib
 import json
 import math
 import os
+import random
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +88,23 @@ class Task:
         if name not in SPLITS:
             raise TaskError(f"unknown split {name!r} (valid: {', '.join(SPLITS)})")
         return getattr(self, name)
+
+    def sample_test(self, rows: int, seed: int = 0) -> Task:
+        """This task with `rows` test examples drawn without replacement (seeded), in file order.
+
+        For test sets too large to score every finalist on (AG News has 7,600 rows). The label set
+        is fixed from the full task first, so a sample that misses a label keeps it as a choice.
+        """
+        if rows <= 0:
+            raise ValueError(f"test_examples must be positive, got {rows}")
+        if rows >= len(self.test):
+            return self
+        picked = sorted(random.Random(seed).sample(range(len(self.test)), rows))
+        return replace(
+            self,
+            test=[self.test[i] for i in picked],
+            labels=self.labels or self.distinct_outputs(),
+        )
 
     def distinct_outputs(self) -> list[str]:
         """Sorted distinct outputs over all splits (the label set of a classification task)."""

@@ -89,6 +89,12 @@ def test_zero_budget_exits_2(capsys, task_file, no_model):
     assert "--budget must be a positive" in _one_line_error(capsys)
 
 
+@pytest.mark.parametrize("flag", ["--test-examples", "--test-top", "--val-examples"])
+def test_a_zero_count_exits_2(capsys, task_file, no_model, flag):
+    assert main(["optimize", str(task_file), flag, "0"]) == 2
+    assert f"{flag} must be positive, got 0" in _one_line_error(capsys)
+
+
 def test_unknown_searcher_exits_2(capsys, task_file, no_model):
     assert main(["optimize", str(task_file), "--searcher", "bogus"]) == 2
     assert "unknown searcher 'bogus'" in _one_line_error(capsys)
@@ -162,6 +168,18 @@ def test_optimize_then_show(capsys, task_file, tiny_model_dir, tmp_path):
     shown = capsys.readouterr().out
     assert f"best instruction: {best}" in shown
     assert "Spell the word backwards." in shown and "Reverse the word." in shown
+
+
+def test_test_examples_scores_a_seeded_sample_of_the_test_split(
+    capsys, task_file, tiny_model_dir, tmp_path
+):
+    out = tmp_path / "result.json"
+    args = ["optimize", str(task_file), "--model", str(tiny_model_dir), "--searcher", "none"]
+    args += ["--storage", "memory", "--out", str(out), "--quiet", "--test-examples", "4"]
+    assert main(args) == 0
+    assert "on 4 test rows" in capsys.readouterr().out
+    data = json.loads(out.read_text())
+    assert data["test_examples"] == 4
 
 
 # --------------------------------------------------------------------------------- Ctrl-C

@@ -301,6 +301,39 @@ def test_score_evidence_costs_no_budget(tmp_path):
     assert len(candidate.val) == len(objective.val_pool) and len(candidate.test) == 4
 
 
+class FailingEvaluator(CountingEvaluator):
+    """Like CountingEvaluator, but the call numbered `fail_at` (from 0) raises KeyboardInterrupt."""
+
+    def __init__(self, fail_at: int) -> None:
+        super().__init__()
+        self.fail_at = fail_at
+
+    def score(self, lm, prompts, examples) -> np.ndarray:
+        if len(self.calls) == self.fail_at:
+            self.calls.append(([], []))
+            raise KeyboardInterrupt
+        return super().score(lm, prompts, examples)
+
+
+def test_test_evidence_is_stored_chunk_by_chunk_so_an_interrupted_run_resumes(
+    tmp_path, monkeypatch
+):
+    monkeypatch.setattr("ape.objective.EVIDENCE_CHUNK", 3)  # the toy test split has 4 rows
+    storage = _sqlite(tmp_path)
+    prompts = [Prompt(""), Prompt("a")]
+    first = _objective(storage, evaluator=FailingEvaluator(fail_at=1))
+    with pytest.raises(KeyboardInterrupt):
+        first.score_evidence(prompts, "test")
+    assert first.computed_pairs == 2 * 3  # the first chunk was scored and stored
+
+    second = _objective(storage)
+    test = second.score_evidence(prompts, "test")
+    assert second.computed_pairs == 2 * 1  # only the last row is scored again
+    assert [len(e) for _, e in second.evaluator.calls] == [1]
+    expected = [[_score(p, e) for e in second.task.test] for p in prompts]
+    np.testing.assert_allclose(test, expected)
+
+
 def test_val_order_is_a_seeded_permutation_and_the_pool_its_prefix():
     a, b = _objective(), _objective()
     assert a.val_order == b.val_order

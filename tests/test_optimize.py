@@ -173,6 +173,20 @@ def test_the_same_seed_gives_the_same_result(uninterrupted, task_file, tiny_lm):
     assert again.budget_used == uninterrupted.budget_used
 
 
+def test_test_examples_scores_the_finalists_on_a_seeded_sample(task_file, tiny_lm):
+    result = ape.optimize(
+        task_file, model=tiny_lm, searcher="none", progress=False, test_examples=4, seed=2
+    )
+    assert result.test_examples == 4
+    rows = ape.load_task(task_file, seed=2).sample_test(4, seed=2).test
+    scores = ape.api.make_evaluator("loglik", ape.load_task(task_file)).score(
+        tiny_lm, [Prompt("")], rows
+    )
+    assert result.best.test_score == pytest.approx(float(scores.mean()), abs=1e-6)
+    with pytest.raises(ValueError, match="test_examples must be positive"):
+        ape.optimize(task_file, model=tiny_lm, searcher="none", progress=False, test_examples=0)
+
+
 # --------------------------------------------------------------------------------- the budget
 def test_a_budget_caps_the_run(task_file, tiny_lm):
     result = _optimize(task_file, tiny_lm, budget=100)

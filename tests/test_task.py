@@ -339,3 +339,21 @@ def test_verbalizers_need_one_word_per_label(tmp_path: Path) -> None:
     (tmp_path / "meta.json").write_text(json.dumps(meta), encoding="utf-8")
     with pytest.raises(TaskError, match="'verbalizers' must have one word per entry"):
         load_task(tmp_path)
+
+
+def test_sample_test_draws_a_seeded_subset_and_keeps_every_label() -> None:
+    def rows(n: int, prefix: str) -> list[Example]:
+        return [Example(f"{prefix}{i}", "rare" if i == 0 else "common") for i in range(n)]
+
+    task = Task("t", rows(4, "a"), rows(4, "b"), rows(50, "c"), metric="accuracy")
+    sample = task.sample_test(10, seed=3)
+    assert len(sample.test) == 10 and set(sample.test) <= set(task.test)
+    assert sample.test == task.sample_test(10, seed=3).test != task.sample_test(10, seed=4).test
+    assert [task.test.index(e) for e in sample.test] == sorted(
+        task.test.index(e) for e in sample.test
+    )
+    assert sample.train == task.train and sample.val == task.val
+    assert sample.labels == ["common", "rare"]  # fixed from the full task
+    assert task.sample_test(50) is task and task.sample_test(99) is task
+    with pytest.raises(ValueError, match="test_examples must be positive, got 0"):
+        task.sample_test(0)

@@ -25,7 +25,6 @@ import torch
 import ape
 from ape.evaluation import make_evaluator
 from ape.prompt import Prompt
-from ape.task import Task
 from search.base import available_searchers
 from search.rl_policy import _banned_tokens
 
@@ -38,24 +37,6 @@ MANUAL = {
 }
 
 
-def subsample(task: Task, rows: int, seed: int = 0) -> Task:
-    """The task with a fixed, seeded test subsample (same rows for every method)."""
-    test = task.test
-    if rows and rows < len(test):
-        picked = sorted(random.Random(seed).sample(range(len(test)), rows))
-        test = [task.test[i] for i in picked]
-    return Task(
-        task.name,
-        task.train,
-        task.val,
-        test,
-        metric=task.metric,
-        labels=task.labels,
-        verbalizers=task.verbalizers,
-        seed=task.seed,
-    )
-
-
 def random_prompt(lm, length: int, seed: int) -> str:
     """`length` tokens drawn uniformly from the tokens the RL policy may write."""
     banned = _banned_tokens(lm.tokenizer, lm.model.get_output_embeddings().weight.shape[0])
@@ -65,7 +46,7 @@ def random_prompt(lm, length: int, seed: int) -> str:
 
 
 def run_task(name: str, args, lm, out: Path) -> dict:
-    task = subsample(ape.load_task(DATA / name), args.test_rows)
+    task = ape.load_task(DATA / name).sample_test(args.test_rows, seed=0)
     scorer = make_evaluator("choice", task)
     report: dict = {
         "task": name,
