@@ -143,14 +143,17 @@ def optimize(
 def _search(search, objective: Objective, meta: dict[str, Any], started: float, test_top: int):
     """Run the searcher, then test its best; Ctrl-C returns what was scored inside `Interrupted`."""
     stopped_by_budget = False
+    began = time.perf_counter()
     try:
         search.search(objective)
     except BudgetExhausted:
         stopped_by_budget = True
     except KeyboardInterrupt as interrupt:
+        objective.seconds["search"] = time.perf_counter() - began
         result = _result(objective, meta, started, tested=0)
         result.interrupted = True
         raise Interrupted(result) from interrupt
+    objective.seconds["search"] = time.perf_counter() - began
     result = _result(objective, meta, started, tested=test_top)
     result.stopped_by_budget = stopped_by_budget
     return result

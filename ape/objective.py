@@ -311,6 +311,7 @@ class Objective:
         This is the evidence a result reports (the finalists' test scores, the no-instruction
         reference), not search, so it costs no budget and is never shown to a searcher.
         """
+        began = time.perf_counter()
         examples = self.val_pool if split == "val" else self.task.test
         keyed = [_Keyed(p, examples) for p in prompts]
         self.add_candidates(prompts, "reference")
@@ -338,6 +339,7 @@ class Objective:
             else:
                 target.test = scores
             rows.append(row)
+        self.seconds["evidence"] += time.perf_counter() - began
         return np.stack(rows) if rows else np.zeros((0, len(examples)))
 
     def _note_best(self, keyed: list[_Keyed]) -> None:

@@ -57,6 +57,9 @@ def test_result_has_the_best_prompt_its_evidence_and_the_reference(uninterrupted
     assert best.instruction and best.demos == []
     assert best.val_examples == 15 and math.isfinite(best.val_score)
     assert best.test_score is not None and math.isfinite(best.test_score)
+    timings = result.timings
+    assert 0 < timings["search_s"] and 0 < timings["evidence_s"]
+    assert timings["search_s"] + timings["evidence_s"] <= timings["total_s"]
 
     ref = result.reference
     assert ref is not None and ref.instruction == "" and ref.origin == "reference"
