@@ -67,7 +67,9 @@ class RLSearcher:
     minibatch: int = option(8, "training examples each step's prompts are scored on")
     token_top_k: int = option(256, "the policy samples each token from its k most likely")
     hidden: int = option(2048, "width of the policy's MLP")
-    learning_rate: float = option(3e-5, "Adam learning rate of the MLP")
+    learning_rate: float = option(
+        3e-5, "Adam learning rate of the MLP (0: no training, an ablation that only selects)"
+    )
     entropy: float = option(0.05, "weight of the entropy bonus")
     reward_correct: float = option(180.0, "scale of the label margin when the prediction is right")
     reward_incorrect: float = option(200.0, "scale of the label margin when it is wrong")
@@ -87,13 +89,13 @@ class RLSearcher:
             minibatch=self.minibatch,
             token_top_k=self.token_top_k,
             hidden=self.hidden,
-            learning_rate=self.learning_rate,
             finalists=self.finalists,
             reward_correct=self.reward_correct,
             reward_incorrect=self.reward_incorrect,
         )
-        if self.entropy < 0:
-            raise ValueError(f"entropy must be 0 or more, got {self.entropy}")
+        for name in ("learning_rate", "entropy"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be 0 or more, got {getattr(self, name)}")
 
     # ----------------------------------------------------------------------------- the search
     def search(self, objective: Objective) -> None:

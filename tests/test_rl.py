@@ -263,6 +263,16 @@ def test_bad_options_are_refused():
         get_searcher("rl", steps=0)
     with pytest.raises(ValueError, match="entropy must be 0 or more"):
         get_searcher("rl", entropy=-1.0)
+    with pytest.raises(ValueError, match="learning_rate must be 0 or more"):
+        get_searcher("rl", learning_rate=-1e-5)
+
+
+def test_learning_rate_zero_only_samples_and_selects(sentiment, tiny_lm):
+    """The ablation: the policy stays the LM, so every step samples from the same distribution."""
+    result = _run(sentiment, tiny_lm, learning_rate=0.0)
+    policy = result.artifacts["policy"]
+    assert policy.mlp[2].weight.abs().sum() == 0  # the residual never left zero
+    assert len(result.extras["training_curve"]) == 3 and result.best is not None
 
 
 def test_cli_optimize_with_rl(tmp_path, tiny_model_dir):

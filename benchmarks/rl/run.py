@@ -1,9 +1,10 @@
 """RL prompts vs baselines on 16-shot classification (see README.md beside this file).
 
 For each task: the test accuracy of no prompt, a manual one-line instruction with the label words,
-random 5-token prompts (one per seed, tokens drawn uniformly from the policy's vocabulary), the
-`rl` searcher with its defaults (one run per seed) and, where asked, APE at a modest budget. All
-are scored with the `choice` evaluator on the same fixed, seeded test subsample.
+random 5-token prompts (tokens drawn uniformly from the policy's vocabulary), the `rl` searcher
+with its defaults (one run per seed) and, where asked, the `soft` searcher with its defaults and
+APE at a modest budget. All are scored with the `choice` evaluator on the same fixed, seeded test
+subsample.
 
     python benchmarks/rl/run.py --tasks sst-2 agnews mr --seeds 0 1 --test-rows 200
 """
@@ -25,7 +26,6 @@ import torch
 import ape
 from ape.evaluation import make_evaluator
 from ape.prompt import Prompt
-from search.base import available_searchers
 from search.rl_policy import _banned_tokens
 
 DATA = Path("/work/shared/data/classification")
@@ -57,7 +57,7 @@ def run_task(name: str, args, lm, out: Path) -> dict:
     }
 
     fixed = {"none": "", "manual": MANUAL[name]}
-    randoms = {seed: random_prompt(lm, 5, 1000 + seed) for seed in args.seeds}
+    randoms = {seed: random_prompt(lm, 5, 1000 + seed) for seed in range(args.random_prompts)}
     prompts = list(fixed.values()) + list(randoms.values())
     began = time.perf_counter()
     test = scorer.score(lm, [Prompt(p) for p in prompts], task.test).mean(-1)
@@ -71,14 +71,14 @@ def run_task(name: str, args, lm, out: Path) -> dict:
     report["methods"]["random"] = {
         "runs": [
             {"seed": s, "prompt": randoms[s], "val": float(val[2 + k]), "test": float(test[2 + k])}
-            for k, s in enumerate(args.seeds)
+            for k, s in enumerate(randoms)
         ]
     }
 
     searchers = [("rl", {})] + (
         [("ape", {"budget": args.ape_budget, **APE_OPTIONS})] if name in args.ape_tasks else []
     )
-    if args.soft and "soft" in available_searchers():
+    if name in args.soft_tasks:
         searchers.append(("soft", {}))
     for searcher, options in searchers:
         runs = []
@@ -105,6 +105,8 @@ def run_task(name: str, args, lm, out: Path) -> dict:
                     "test": result.best.test_score,
                     "budget_used": result.budget_used,
                     "wall_s": round(wall, 1),
+                    "search_s": result.timings.get("search_s"),
+                    "evidence_s": result.timings.get("evidence_s"),
                     "curve": [
                         [p["step"], p["reward"], p["accuracy"]]
                         for p in result.extras.get("training_curve", [])
@@ -132,36 +134,44 @@ def write_markdown(reports: list[dict], meta: dict, path: Path) -> None:
     lines = [
         "# RL prompts vs baselines (16-shot classification, `choice` evaluator)",
         "",
-        f"{meta['model']} on {meta['device']} ({meta['threads']} torch threads, shared machine: "
-        f"1-min load average {meta['load_before']:.1f} before, {meta['load_after']:.1f} after); "
+        f"{meta['model']} on {meta['device']} ({meta['threads']} torch threads; 1-min load "
+        f"average {meta['load_before']:.1f} before, {meta['load_after']:.1f} after); "
         f"torch {meta['torch']}; {meta['date']}.",
         f"Test accuracy on a fixed seeded subsample of {meta['test_rows']} test rows; mean ± std "
-        f"over the seeds listed per row (rl, random); APE and soft: one seed.",
+        f"(population) over the runs listed per row: one per seed for rl (and soft/APE where "
+        f"listed), {meta['random_prompts']} independent draws for random. Times are medians over "
+        "the runs: search (training and selection), evidence (scoring the finalist and the "
+        "no-prompt reference on validation and test), total.",
         "",
-        "| task | method | test acc | val acc | budget (units) | wall s | prompt (first seed) |",
-        "|---|---|---:|---:|---:|---:|---|",
+        "| task | method | test acc | val acc | budget (units) | search s | evidence s | total s "
+        "| prompt (first run) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---|",
     ]
+
+    def median(runs: list[dict], key: str) -> str:
+        values = [r[key] for r in runs if r.get(key) is not None]
+        return f"{np.median(values):.0f}" if values else ""
+
     for report in reports:
         for name, method in report["methods"].items():
             runs = method["runs"]
             n = len(runs)
             test = f"{method['test_mean']:.3f}" + (f" ± {method['test_std']:.3f}" if n > 1 else "")
             val = np.mean([r["val"] for r in runs])
-            budget = np.mean([r.get("budget_used", 0) for r in runs])
-            wall = np.mean([r.get("wall_s", 0) for r in runs])
             prompt = runs[0]["prompt"].replace("|", "\\|") or "(none)"
-            seeds = [r["seed"] for r in runs if "seed" in r]
-            label = (
-                f"{name} (seed{'s' if n > 1 else ''} {', '.join(map(str, seeds))})"
-                if seeds
-                else name
-            )
+            seeds = [str(r["seed"]) for r in runs if "seed" in r]
+            if name == "random":
+                label = f"random ({n} draws)"
+            elif seeds:
+                label = f"{name} (seed{'s' if n > 1 else ''} {', '.join(seeds)})"
+            else:
+                label = name
             lines.append(
-                f"| {report['task']} | {label} | {test} | {val:.3f} | "
-                f"{budget:.0f} | {wall:.0f} | `{prompt}` |"
+                f"| {report['task']} ({report['test']}) | {label} | {test} | {val:.3f} | "
+                f"{median(runs, 'budget_used')} | {median(runs, 'search_s')} | "
+                f"{median(runs, 'evidence_s')} | {median(runs, 'wall_s')} | `{prompt}` |"
             )
-    missing = "" if meta["soft"] else " The soft-prompt searcher was not run (see README)."
-    lines += ["", f"Budget: scored (prompt, example) pairs plus generated tokens.{missing}", ""]
+    lines += ["", "Budget: scored (prompt, example) pairs plus generated tokens.", ""]
     path.write_text("\n".join(lines))
 
 
@@ -200,7 +210,8 @@ def main() -> None:
     parser.add_argument("--test-rows", type=int, default=200)
     parser.add_argument("--ape-tasks", nargs="*", default=["sst-2", "agnews"])
     parser.add_argument("--ape-budget", type=int, default=2000)
-    parser.add_argument("--soft", action="store_true", help="also run 'soft' when registered")
+    parser.add_argument("--soft-tasks", nargs="*", default=["sst-2", "agnews"])
+    parser.add_argument("--random-prompts", type=int, default=5, help="random 5-token prompts")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rerun", action="store_true", help="ignore finished runs in OUT/runs")
     parser.add_argument("--out", default="benchmarks/results/rl")
@@ -217,7 +228,8 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "test_rows": args.test_rows,
         "seeds": args.seeds,
-        "soft": bool(args.soft and "soft" in available_searchers()),
+        "soft_tasks": args.soft_tasks,
+        "random_prompts": args.random_prompts,
         "load_before": os.getloadavg()[0],
     }
     # Tasks from an earlier invocation into the same folder are kept (and listed first).
