@@ -75,16 +75,18 @@ def run_task(name: str, args, lm, out: Path) -> dict:
         ]
     }
 
-    searchers = [("rl", {})] + (
-        [("ape", {"budget": args.ape_budget, **APE_OPTIONS})] if name in args.ape_tasks else []
-    )
+    # (label, searcher, options, how many seeds): rl on every seed, the others on the first.
+    searchers = [("rl", "rl", {}, len(args.seeds))]
+    if name in args.ablation_tasks:  # learning vs selection: the same run without training
+        searchers.append(("rl-untrained", "rl", {"learning_rate": 0.0}, len(args.seeds)))
     if name in args.soft_tasks:
-        searchers.append(("soft", {}))
-    for searcher, options in searchers:
+        searchers.append(("soft", "soft", {}, 1))
+    if name in args.ape_tasks:
+        searchers.append(("ape", "ape", {"budget": args.ape_budget, **APE_OPTIONS}, 1))
+    for label, searcher, options, n_seeds in searchers:
         runs = []
-        seeds = args.seeds if searcher == "rl" else args.seeds[:1]
-        for seed in seeds:
-            saved = out / "runs" / f"{name}-{searcher}-seed{seed}.json"
+        for seed in args.seeds[:n_seeds]:
+            saved = out / "runs" / f"{name}-{label}-seed{seed}.json"
             if saved.exists() and not args.rerun:  # a finished run of an interrupted benchmark
                 result = ape.Result.load(saved)
                 wall = result.timings["total_s"]
@@ -114,12 +116,12 @@ def run_task(name: str, args, lm, out: Path) -> dict:
                 }
             )
             print(
-                f"[{name}] {searcher} seed {seed}: test {result.best.test_score:.3f} "
+                f"[{name}] {label} seed {seed}: test {result.best.test_score:.3f} "
                 f"val {result.best.val_score:.3f} in {wall:.0f} s, "
                 f"{result.budget_used} units: {result.best.instruction!r}",
                 flush=True,
             )
-        report["methods"][searcher] = {"runs": runs, "options": options}
+        report["methods"][label] = {"runs": runs, "searcher": searcher, "options": options}
     for method in report["methods"].values():
         tests = [r["test"] for r in method["runs"]]
         method["test_mean"] = float(np.mean(tests))
@@ -211,6 +213,12 @@ def main() -> None:
     parser.add_argument("--ape-tasks", nargs="*", default=["sst-2", "agnews"])
     parser.add_argument("--ape-budget", type=int, default=2000)
     parser.add_argument("--soft-tasks", nargs="*", default=["sst-2", "agnews"])
+    parser.add_argument(
+        "--ablation-tasks",
+        nargs="*",
+        default=["sst-2", "agnews"],
+        help="tasks that also run rl with --learning-rate 0 (selection without training)",
+    )
     parser.add_argument("--random-prompts", type=int, default=5, help="random 5-token prompts")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rerun", action="store_true", help="ignore finished runs in OUT/runs")
