@@ -192,7 +192,8 @@ class RLSearcher:
             return objective.lm
         from ape.models import load_model
 
-        return load_model(self.policy_model)
+        # The policy's hidden states feed its MLP next to the task model: same device.
+        return load_model(self.policy_model, device=getattr(objective.lm, "device", None))
 
     def _steps(self, objective: Objective, n_train: int) -> int:
         """The configured steps, or fewer when a budget must also cover the finalists."""

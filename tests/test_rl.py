@@ -182,6 +182,17 @@ def test_trials_cover_every_sampled_prompt(sentiment, tiny_lm):
     assert isinstance(objective.artifacts["policy"], PromptPolicy)
 
 
+def test_the_policy_model_can_differ_from_the_task_model(sentiment, tiny_lm, tiny_model_dir):
+    from search.rl import RLSearcher
+
+    objective = _objective(sentiment, tiny_lm)
+    RLSearcher(**KNOBS, policy_model=str(tiny_model_dir)).search(objective)
+    policy = objective.artifacts["policy"]
+    assert policy.lm is not tiny_lm and policy.lm.name == str(tiny_model_dir)
+    assert objective.lm is tiny_lm  # the prompts were scored by the task model
+    assert len(objective.extras["training_curve"]) == KNOBS["steps"]
+
+
 def test_same_seed_same_run(run, sentiment, tiny_lm):
     again = _run(sentiment, tiny_lm)
 
