@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from ape.device import describe_machine
 from ape.evaluation import evaluator_options, make_evaluator, resolve_model, resolve_task
 from ape.lm import LanguageModel
 from ape.models import DEFAULT_MODEL
@@ -226,6 +227,7 @@ def _result(objective: Objective, meta: dict[str, Any], started: float, tested: 
             **{f"{k}_s": round(v, 3) for k, v in objective.seconds.items()},
         },
         versions=_versions(),
+        machine=describe_machine(getattr(objective.lm, "device", "cpu")),
         extras=dict(objective.extras),
         artifacts=dict(objective.artifacts),
         **meta,

@@ -428,7 +428,11 @@ def summarize(config: BenchConfig, runs: list[Run] | None = None) -> Summary:
         "curves": curves,
         "missing": [r.name for r in runs if r.name not in results],
     }
-    markdown = _markdown(config, rows, wins, win_counts, plots, data["missing"])
+    machines = [
+        dict(m) for m in dict.fromkeys(_frozen(r.machine) for r in results.values() if r.machine)
+    ]
+    data["machines"] = machines
+    markdown = _markdown(config, rows, wins, win_counts, plots, data["missing"], machines)
     config.out.mkdir(parents=True, exist_ok=True)
     md, js = config.out / "summary.md", config.out / "summary.json"
     md.write_text(markdown, encoding="utf-8")
@@ -456,7 +460,7 @@ def _row(task: str, label: str, done: list[tuple[Run, Result]]) -> dict[str, Any
         "val_mean": val_mean,
         "val_std": val_std,
         "budget_used_mean": float(np.mean([res.budget_used for _, res in done])),
-        "wall_s_mean": float(np.mean([res.timings.get("total_s", 0.0) for _, res in done])),
+        "wall_s_median": float(np.median([res.timings.get("total_s", 0.0) for _, res in done])),
         "runs": [
             {
                 "seed": run.seed,
@@ -548,7 +552,7 @@ def _plot(config: BenchConfig, curves: dict[str, dict[str, Any]]) -> list[Path]:
     return written
 
 
-def _markdown(config, rows, wins, win_counts, plots, missing) -> str:
+def _markdown(config, rows, wins, win_counts, plots, missing, machines) -> str:
     def fmt(mean: float | None, std: float | None, digits: int = 4) -> str:
         if mean is None:
             return "-"
@@ -563,7 +567,9 @@ def _markdown(config, rows, wins, win_counts, plots, missing) -> str:
         "± sample standard deviation; *test* is each run's best prompt (chosen on validation) "
         "scored once on the test split. **Bold**: the best mean test score of the task.",
         "",
-        "| task | searcher | test | val | budget used | wall s | runs |",
+        *(f"Timed on: {describe(m)}." for m in machines),
+        "",
+        "| task | searcher | test | val | budget used | wall s (median) | runs |",
         "|---|---|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
@@ -573,7 +579,7 @@ def _markdown(config, rows, wins, win_counts, plots, missing) -> str:
         lines.append(
             f"| {row['task']} | {row['searcher']} | {test} | "
             f"{fmt(row['val_mean'], row['val_std'])} | {row['budget_used_mean']:.0f} | "
-            f"{row['wall_s_mean']:.1f} | {len(row['runs'])} |"
+            f"{row['wall_s_median']:.1f} | {len(row['runs'])} |"
         )
     lines += ["", "## Wins per searcher", "", "| searcher | wins | tasks |", "|---|---:|---|"]
     for label, count in sorted(win_counts.items(), key=lambda kv: -kv[1]):
@@ -588,6 +594,19 @@ def _markdown(config, rows, wins, win_counts, plots, missing) -> str:
 
 
 # ----------------------------------------------------------------------------------- helpers
+def describe(machine: dict[str, Any]) -> str:
+    """One line for a result's `machine` record."""
+    where = machine.get("gpu") or machine.get("cpu", "?")
+    return (
+        f"{machine.get('device', '?')} ({where}), {machine.get('cpu_cores', '?')} cores, "
+        f"{machine.get('torch_threads', '?')} torch threads"
+    )
+
+
+def _frozen(machine: dict[str, Any]) -> tuple:
+    return tuple(sorted(machine.items()))
+
+
 def _safe(name: str) -> str:
     """A name usable in a file name."""
     return re.sub(r"[^\w.+-]", "_", name)

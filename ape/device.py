@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import platform
+from pathlib import Path
+from typing import Any
+
 import torch
 
 _DTYPES = {
@@ -37,3 +42,28 @@ def resolve_dtype(device: torch.device, dtype: str | torch.dtype | None = None) 
                 f"unknown dtype {dtype!r}; choose one of: {', '.join(sorted(_DTYPES))}"
             ) from None
     return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def cpu_name() -> str:
+    """The CPU's model name (from /proc/cpuinfo on Linux), else what `platform` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def describe_machine(device: str | torch.device) -> dict[str, Any]:
+    """What a timing was measured on: the device, the CPU, its cores and torch's threads."""
+    device = torch.device(device)
+    machine: dict[str, Any] = {
+        "device": str(device),
+        "cpu": cpu_name(),
+        "cpu_cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+    }
+    if device.type == "cuda":
+        machine["gpu"] = torch.cuda.get_device_name(device)
+    return machine

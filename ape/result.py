@@ -68,6 +68,8 @@ class Result:
     test_examples: int | None = None  # test rows the finalists were scored on
     timings: dict[str, float] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=dict)
+    # device, CPU, cores and torch threads the run was timed on (see ape.device.describe_machine)
+    machine: dict[str, Any] = field(default_factory=dict)
     interrupted: bool = False
     stopped_by_budget: bool = False
     # [budget used, best validation score so far] as the search went (see Objective._note_best);

@@ -134,6 +134,8 @@ def test_summary_table_and_json_hold_mean_and_std_across_seeds_and_wins(finished
         assert row["test_std"] == pytest.approx(np.std(tests, ddof=1))
         assert row["val_mean"] == pytest.approx(np.mean([r.best.val_score for r in results]))
         assert row["budget_used_mean"] == np.mean([r.budget_used for r in results])
+        walls = [r.timings["total_s"] for r in results]
+        assert row["wall_s_median"] == pytest.approx(np.median(walls))
         assert [run["seed"] for run in row["runs"]] == [0, 1]
         test_cell = f"{row['test_mean']:.4f} ± {row['test_std']:.4f}"
         line = next(
@@ -149,6 +151,8 @@ def test_summary_table_and_json_hold_mean_and_std_across_seeds_and_wins(finished
         assert data["wins"][task] == [best["searcher"]]
     assert sum(data["win_counts"].values()) == 2
     assert "| searcher | wins | tasks |" in markdown
+    assert data["machines"] and data["machines"][0]["device"] == "cpu"
+    assert f"Timed on: {bench.describe(data['machines'][0])}." in markdown
     curves = data["curves"]["reverse"]
     assert set(curves["searchers"]) == {"none", "ape"}
     assert len(curves["searchers"]["ape"]["mean"]) == len(curves["budget"])

@@ -60,6 +60,8 @@ def test_result_has_the_best_prompt_its_evidence_and_the_reference(uninterrupted
     timings = result.timings
     assert 0 < timings["search_s"] and 0 < timings["evidence_s"]
     assert timings["search_s"] + timings["evidence_s"] <= timings["total_s"]
+    machine = result.machine
+    assert machine["device"] == "cpu" and machine["cpu"] and machine["torch_threads"] >= 1
 
     ref = result.reference
     assert ref is not None and ref.instruction == "" and ref.origin == "reference"

@@ -21,7 +21,6 @@ import dataclasses
 import datetime as dt
 import json
 import os
-import platform
 import time
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ import numpy as np
 import torch
 
 import ape
+from ape.device import cpu_name
 from ape.soft_prompt import SoftPrompt
 from ape.task import read_examples
 
@@ -210,7 +210,7 @@ def write(out: Path, rows: list[dict], fixed: dict, args) -> None:
     env = {
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "model": "smollm2-135m (SmolLM2-135M-Instruct, float32)",
-        "device": f"cpu ({platform.processor() or platform.machine()}), "
+        "device": f"cpu ({cpu_name()}), "
         f"{torch.get_num_threads()} torch threads, {os.cpu_count()} cores",
         "torch": torch.__version__,
         "load_average_1min": os.getloadavg()[0],

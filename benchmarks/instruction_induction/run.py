@@ -19,7 +19,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -29,6 +28,7 @@ import numpy as np
 import torch
 
 import ape
+from ape.device import cpu_name
 
 REPO = Path(__file__).resolve().parents[2]
 DATA = REPO / ".." / "shared" / "data" / "instruction_induction"
@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         "model": args.model,
         "device": str(lm.device),
         "dtype": str(lm.model.dtype),
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": cpu_name(),
         "torch_threads": torch.get_num_threads(),
         "cpus": os.cpu_count(),
         "seed": args.seed,

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import sys
 import time
@@ -24,6 +23,7 @@ import numpy as np
 import torch
 
 import ape
+from ape.device import cpu_name
 from ape.evaluation import make_evaluator
 from ape.prompt import Prompt
 from search.rl_policy import _banned_tokens
@@ -230,7 +230,7 @@ def main() -> None:
     lm = ape.load_model()
     meta = {
         "model": lm.name,
-        "device": f"{lm.device} ({platform.processor() or platform.machine()})",
+        "device": f"{lm.device} ({cpu_name()})",
         "threads": args.threads,
         "torch": torch.__version__,
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),

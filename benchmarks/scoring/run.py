@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 import ape
+from ape.device import cpu_name
 from ape.lm import HFLanguageModel, Request
 from ape.reference import reference_loglikelihood
 from ape.task import Example, read_examples
@@ -234,16 +235,6 @@ def summarize(methods: list[Method], n_requests: int) -> dict[str, Any]:
 # ---------------------------------------------------------------------------- environment
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def package_version(name: str) -> str | None:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -257,7 +248,7 @@ def environment(lm: HFLanguageModel, threads: int, load_before: float) -> dict[s
     return {
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "device": str(lm.device),
-        "cpu": cpu_model(),
+        "cpu": cpu_name(),
         "cpu_count": os.cpu_count(),
         "platform": platform.platform(),
         "python": platform.python_version(),
