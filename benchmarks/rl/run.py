@@ -6,7 +6,7 @@ with its defaults (one run per seed) and, where asked, the `soft` searcher with 
 APE at a modest budget. All are scored with the `choice` evaluator on the same fixed, seeded test
 subsample.
 
-    python benchmarks/rl/run.py --tasks sst-2 agnews mr --seeds 0 1 --test-rows 200
+    python benchmarks/rl/run.py          # sst-2 agnews mr subj, seeds 0 1 2, 200 test rows
 """
 
 from __future__ import annotations
@@ -188,30 +188,30 @@ def plot_curves(reports: list[dict], path: Path) -> None:
         return
     fig, axes = plt.subplots(1, len(reports), figsize=(4.5 * len(reports), 3.4), squeeze=False)
     for ax, report in zip(axes[0], reports, strict=True):
-        for run in report["methods"]["rl"]["runs"]:
-            curve = np.array(run["curve"], dtype=float)
-            if not len(curve):
-                continue
-            (line,) = ax.plot(curve[:, 0], curve[:, 1], lw=0.7, alpha=0.5)
-            window = min(5, len(curve))
-            smooth = np.convolve(curve[:, 1], np.ones(window) / window, mode="valid")
-            ax.plot(curve[window - 1 :, 0], smooth, color=line.get_color(), lw=2,
-                    label=f"seed {run['seed']} (5-step mean)")  # fmt: skip
-        ax.set_title(f"{report['task']}: rl training")
+        for label, style in (("rl", "-"), ("rl-untrained", ":")):
+            for run in report["methods"].get(label, {}).get("runs", []):
+                curve = np.array(run["curve"], dtype=float)
+                if not len(curve):
+                    continue
+                window = min(5, len(curve))
+                smooth = np.convolve(curve[:, 1], np.ones(window) / window, mode="valid")
+                ax.plot(curve[window - 1 :, 0], smooth, style, lw=1.5,
+                        label=f"{label} seed {run['seed']}")  # fmt: skip
+        ax.set_title(f"{report['task']}: reward per step (5-step mean)")
         ax.set_xlabel("step")
         ax.set_ylabel("mean reward of the step's prompts")
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tasks", nargs="+", default=["sst-2", "agnews", "mr"])
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    parser.add_argument("--tasks", nargs="+", default=["sst-2", "agnews", "mr", "subj"])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--test-rows", type=int, default=200)
     parser.add_argument("--ape-tasks", nargs="*", default=["sst-2", "agnews"])
-    parser.add_argument("--ape-budget", type=int, default=2000)
+    parser.add_argument("--ape-budget", type=int, default=1000)
     parser.add_argument("--soft-tasks", nargs="*", default=["sst-2", "agnews"])
     parser.add_argument(
         "--ablation-tasks",
@@ -223,9 +223,17 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rerun", action="store_true", help="ignore finished runs in OUT/runs")
     parser.add_argument("--out", default="benchmarks/results/rl")
+    parser.add_argument(
+        "--report-only", action="store_true", help="rewrite summary.md and the plot from OUT"
+    )
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
     out = Path(args.out)
+    if args.report_only:
+        saved = json.loads((out / "summary.json").read_text())
+        write_markdown(saved["tasks"], saved["meta"], out / "summary.md")
+        plot_curves(saved["tasks"], out / "training_curves.png")
+        return
+    torch.set_num_threads(args.threads)
     out.mkdir(parents=True, exist_ok=True)
     lm = ape.load_model()
     meta = {
