@@ -110,7 +110,6 @@ class Objective:
         self.seconds: dict[str, float] = defaultdict(float)
         self.computed_pairs = 0  # pairs actually run through the model (not replayed)
         self._charged: set[tuple[str, str]] = set()
-        self._details: dict[tuple[str, str], np.ndarray] = {}  # see evaluate_train
         # [budget used, best validation score so far] after each scoring call (see _note_best)
         self.history: list[list[float]] = []
         # What a searcher hands to the result beside its prompts (see ape.result.Result)
@@ -185,7 +184,8 @@ class Objective:
         (prompts, examples, labels); with any other evaluator, its scores, shape
         (prompts, examples, 1). All prompts go to the model in one call. Budget works as in
         `evaluate_each`; each prompt's scores (accuracy for `choice`) on examples not yet stored
-        are recorded as one trial with split "train", and never count as validation scores.
+        are recorded as one trial with split "train", together with the detail itself, so a
+        resumed run replays them instead of scoring again. They never count as validation scores.
         Pairs past the budget are NaN, then `BudgetExhausted` is raised. Scored here, not by
         workers.
         """
@@ -194,13 +194,15 @@ class Objective:
         self.add_candidates(prompts, origin)
 
         choice = hasattr(self.evaluator, "label_logprobs")
+        stored = self.store.details  # replayed from the study, so a resumed run recomputes none
+
+        def missing(key: str, example: str) -> bool:
+            return (key, example) in self._charged and (key, example) not in stored
+
         todo = [
             r
             for r in dict((r.key, r) for r in keyed).values()
-            if any(
-                (r.key, ek) in self._charged and (r.key, ek) not in self._details
-                for ek in r.example_keys
-            )
+            if any(missing(r.key, ek) for ek in r.example_keys)
         ]
         if todo:
             started = time.perf_counter()
@@ -213,27 +215,24 @@ class Objective:
             self.computed_pairs += len(todo) * len(examples)
             gold = _gold_index(self.evaluator, examples) if choice else None
             for r, rows in zip(todo, grid, strict=True):
-                fresh = []
-                for ek, detail in zip(r.example_keys, rows, strict=True):
-                    if (r.key, ek) in self._charged and (r.key, ek) not in self._details:
-                        self._details[(r.key, ek)] = detail
-                        if (r.key, ek) not in self.store.scores:
-                            fresh.append(ek)
-                if fresh:
-                    scores = [
-                        float(self._details[(r.key, ek)].argmax() == gold[ek])
-                        if choice
-                        else float(self._details[(r.key, ek)][0])
-                        for ek in fresh
-                    ]
-                    attrs = {**self._attrs(r.prompt, "train"), "origin": origin}
-                    self.store.record(r.prompt, fresh, scores, **attrs)
-        width = next(iter(self._details.values())).shape[-1] if self._details else 1
+                fresh = [
+                    (ek, detail)
+                    for ek, detail in zip(r.example_keys, rows, strict=True)
+                    if missing(r.key, ek)
+                ]
+                self.store.record(
+                    r.prompt,
+                    [ek for ek, _ in fresh],
+                    [float(d.argmax() == gold[ek]) if choice else float(d[0]) for ek, d in fresh],
+                    details=[d for _, d in fresh],
+                    **{**self._attrs(r.prompt, "train"), "origin": origin},
+                )
+        width = len(self.evaluator.resolve_labels(examples)) if choice else 1
         out = np.full((len(keyed), len(examples), width), np.nan)
         for i, r in enumerate(keyed):
             for j, ek in enumerate(r.example_keys):
-                if (r.key, ek) in self._details:
-                    out[i, j] = self._details[(r.key, ek)]
+                if (r.key, ek) in self._charged and (r.key, ek) in stored:
+                    out[i, j] = stored[(r.key, ek)]
         if exhausted:
             raise BudgetExhausted(f"budget of {self.budget.limit} units reached")
         return out

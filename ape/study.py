@@ -128,6 +128,8 @@ class TrialStore:
                 f"{_describe(fingerprint)}; pass another study name (--study)"
             )
         self.scores: dict[tuple[str, str], float] = {}
+        # pair -> what a searcher learned from beside the score (label log-probs), where recorded
+        self.details: dict[tuple[str, str], list[float]] = {}
         self.trials_loaded = 0
         self.pending: dict[tuple[str, str], str] = {}  # pair -> job id of a queued job
         self._collected: set[str] = set()
@@ -149,6 +151,8 @@ class TrialStore:
         for example, score in zip(attrs["examples"], attrs["scores"], strict=True):
             self.scores[(prompt_key, example)] = float(score)
             self.pending.pop((prompt_key, example), None)
+        for example, detail in zip(attrs["examples"], attrs.get("details", ()), strict=False):
+            self.details[(prompt_key, example)] = detail
         if "job_id" in attrs:
             self._collected.add(attrs["job_id"])
         return 1
@@ -165,10 +169,16 @@ class TrialStore:
         prompt: Prompt,
         examples: Sequence[str],
         scores: Sequence[float],
+        details: Sequence[Sequence[float]] | None = None,
         **attrs: Any,
     ) -> None:
-        """Commit one trial: `prompt` scored on `examples` (content keys)."""
+        """Commit one trial: `prompt` scored on `examples` (content keys).
+
+        `details`, one list of floats per example, are stored too and replayed into `details`.
+        """
         values = [float(s) for s in scores]
+        if details is not None:
+            attrs["details"] = [[float(x) for x in d] for d in details]
         trial = optuna.trial.create_trial(
             value=sum(values) / len(values),
             user_attrs={
@@ -183,6 +193,8 @@ class TrialStore:
         key = prompt.key()
         for example, score in zip(examples, values, strict=True):
             self.scores[(key, example)] = score
+        for example, detail in zip(examples, attrs.get("details", ()), strict=False):
+            self.details[(key, example)] = detail
 
     # ------------------------------------------------------------------ jobs for workers
     def submit(self, prompt: Prompt, examples: Sequence[Example], **attrs: Any) -> str:

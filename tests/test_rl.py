@@ -60,6 +60,11 @@ def _objective(task, lm, budget=None, evaluator="choice"):
     return Objective(task, lm, scorer, store, budget=budget, progress=False)
 
 
+def untimed(curve):
+    """A training curve without its wall-clock times (which differ between equal runs)."""
+    return [{k: v for k, v in point.items() if k != "seconds"} for point in curve]
+
+
 def _trials(objective):
     return [t.user_attrs for t in objective.store.study.get_trials()]
 
@@ -196,11 +201,23 @@ def test_the_policy_model_can_differ_from_the_task_model(sentiment, tiny_lm, tin
 def test_same_seed_same_run(run, sentiment, tiny_lm):
     again = _run(sentiment, tiny_lm)
 
-    def untimed(curve):
-        return [{k: v for k, v in point.items() if k != "seconds"} for point in curve]
-
     assert untimed(again.extras["training_curve"]) == untimed(run.extras["training_curve"])
     assert [e.instruction for e in again.leaderboard] == [e.instruction for e in run.leaderboard]
+
+
+def test_a_rerun_on_the_same_storage_replays_the_training_without_scoring(
+    run, sentiment, tiny_lm, tmp_path
+):
+    storage = f"sqlite:///{tmp_path / 'rl.db'}"
+    first = _run(sentiment, tiny_lm, storage=storage)
+    assert first.budget_detail["pairs_computed"] > 0
+    again = _run(sentiment, tiny_lm, storage=storage)  # e.g. after Ctrl-C, the same command
+    assert again.budget_detail["pairs_computed"] == 0  # label log-probs came from the study
+    assert again.budget_used == first.budget_used
+
+    assert untimed(again.extras["training_curve"]) == untimed(first.extras["training_curve"])
+    assert untimed(first.extras["training_curve"]) == untimed(run.extras["training_curve"])
+    assert again.best == first.best
 
 
 def test_other_seed_other_prompts(run, sentiment, tiny_lm):
