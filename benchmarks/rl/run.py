@@ -75,17 +75,17 @@ def run_task(name: str, args, lm, out: Path) -> dict:
         ]
     }
 
-    # (label, searcher, options, how many seeds): rl on every seed, the others on the first.
-    searchers = [("rl", "rl", {}, len(args.seeds))]
+    # (label, searcher, options), each run on every seed
+    searchers = [("rl", "rl", {})]
     if name in args.ablation_tasks:  # learning vs selection: the same run without training
-        searchers.append(("rl-untrained", "rl", {"learning_rate": 0.0}, len(args.seeds)))
+        searchers.append(("rl-untrained", "rl", {"learning_rate": 0.0}))
     if name in args.soft_tasks:
-        searchers.append(("soft", "soft", {}, 1))
+        searchers.append(("soft", "soft", {}))
     if name in args.ape_tasks:
-        searchers.append(("ape", "ape", {"budget": args.ape_budget, **APE_OPTIONS}, 1))
-    for label, searcher, options, n_seeds in searchers:
+        searchers.append(("ape", "ape", {"budget": args.ape_budget, **APE_OPTIONS}))
+    for label, searcher, options in searchers:
         runs = []
-        for seed in args.seeds[:n_seeds]:
+        for seed in args.seeds:
             saved = out / "runs" / f"{name}-{label}-seed{seed}.json"
             if saved.exists() and not args.rerun:  # a finished run of an interrupted benchmark
                 result = ape.Result.load(saved)
@@ -140,8 +140,8 @@ def write_markdown(reports: list[dict], meta: dict, path: Path) -> None:
         f"average {meta['load_before']:.1f} before, {meta['load_after']:.1f} after); "
         f"torch {meta['torch']}; {meta['date']}.",
         f"Test accuracy on a fixed seeded subsample of {meta['test_rows']} test rows; mean ± std "
-        f"(population) over the runs listed per row: one per seed for rl (and soft/APE where "
-        f"listed), {meta['random_prompts']} independent draws for random. Times are medians over "
+        f"(population) over the runs listed per row: one per seed, and "
+        f"{meta['random_prompts']} independent draws for random. Times are medians over "
         "the runs: search (training and selection), evidence (scoring the finalist and the "
         "no-prompt reference on validation and test), total.",
         "",
