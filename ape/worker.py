@@ -185,12 +185,14 @@ def _claim(rdb, study_id: int, batch: int, heartbeat: _Heartbeat) -> list:
     for trial in rdb.get_all_trials(study_id, deepcopy=False, states=(TrialState.WAITING,)):
         if "job" not in trial.user_attrs:
             continue
+        # Beat first: Optuna never fails a RUNNING trial that has no heartbeat, so a worker killed
+        # between taking a job and its first beat would leave that job orphaned for good.
+        rdb.record_heartbeat(trial._trial_id)
         try:
             taken = rdb.set_trial_state_values(trial._trial_id, TrialState.RUNNING)
         except optuna.exceptions.UpdateFinishedTrialError:
             taken = False
         if taken:
-            rdb.record_heartbeat(trial._trial_id)
             with heartbeat.lock:
                 heartbeat.held.add(trial._trial_id)
             claimed.append(trial)

@@ -21,17 +21,18 @@ are scored on `objective.val_pool`, and `optimize()` tests the best of those. Th
 weights go into `objective.artifacts["policy"]` (saved beside the result) and the reward per
 step into `objective.extras["training_curve"]`.
 
-Why policy gradient and not soft Q-learning (RLPrompt's choice). Measured on this project's
-machine (SmolLM2-135M as task and policy model, 16-shot sets, 2 CPU cores): a step of 8 prompts
-x 8 examples is 64 scored pairs, 2.2 s on SST-2 and 4.3 s on AG News when idle (15-30 s when the
+Why policy gradient and not soft Q-learning (RLPrompt's choice). Measured on this project's machine
+(SmolLM2-135M as task and policy model, 16-shot sets, 2 CPU cores): a step of 8 prompts x 8
+examples is 64 scored pairs, 2.2 s on SST-2 and 4.3 s on AG News when idle (15-30 s when the
 machine was shared with other jobs), so a run that must end within 15 minutes gets some dozens of
-steps, a few hundred sampled prompts, where RLPrompt trains for thousands of SQL steps. In that regime the on-policy estimator
-with an explicit per-step baseline is the simpler and safer choice; what mattered was keeping it
-from collapsing too early: with Adam at lr 1e-4 and entropy weight 0.01 the policy collapsed onto
-one prompt within ~8 steps (top-k entropy 3.3 -> 0.08 nats by step 9), while lr 3e-5 with entropy
-weight 0.05 kept it exploring for 30 steps (3.3 -> 1.5 nats). Soft Q-learning (a target network,
-per-token bootstrapped values) was not implemented or measured here; its advantages (off-policy
-reuse, token-level credit) pay off over far longer runs than the CPU budget allows.
+steps, a few hundred sampled prompts, where RLPrompt trains for thousands of SQL steps. In that
+regime the on-policy estimator with an explicit per-step baseline is the simpler and safer choice;
+what mattered was keeping it from collapsing too early: with Adam at lr 1e-4 and entropy weight
+0.01 the policy collapsed onto one prompt within ~8 steps (top-k entropy 3.3 -> 0.08 nats by step
+9), while lr 3e-5 with entropy weight 0.05 kept it exploring for 30 steps (3.3 -> 1.5 nats). Soft
+Q-learning (a target network, per-token bootstrapped values) was not implemented or measured here;
+its advantages (off-policy reuse, token-level credit) pay off over far longer runs than the CPU
+budget allows.
 
 Why 72 steps. On SST-2 (test accuracy on a fixed 200-row test sample, seeds 0/1/2, 2026-11-25):
 24 steps gave 0.665/0.640/0.555, the same 24 steps with `learning_rate=0` (no training: selection

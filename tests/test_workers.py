@@ -220,3 +220,36 @@ def postgres_url():
             [*run_as, pg_ctl, "-D", str(data), "-m", "immediate", "stop"], capture_output=True
         )
         shutil.rmtree(root, ignore_errors=True)
+
+
+def test_a_worker_killed_as_it_takes_a_job_leaves_the_job_to_be_requeued(tmp_path, monkeypatch):
+    """Optuna never fails a RUNNING trial without a heartbeat: a job must beat before it runs."""
+    from ape import study as study_module
+    from ape.task import Example
+    from ape.worker import _claim, _Heartbeat
+
+    monkeypatch.setattr(study_module, "GRACE_SECONDS", 1)
+    storage = f"sqlite:///{tmp_path / 'jobs.db'}"
+    store = TrialStore(storage, "claim", {"claim": "test"})
+    store.submit(ape.Prompt("p"), [Example("a", "b")])
+    rdb = study_module.open_storage(storage)
+    handle = optuna.load_study(study_name="claim", storage=rdb)
+
+    class KilledOnceRunning:
+        """The storage, except that the worker dies right after its job becomes RUNNING."""
+
+        def __getattr__(self, name):
+            return getattr(rdb, name)
+
+        def set_trial_state_values(self, trial_id, state, values=None):
+            rdb.set_trial_state_values(trial_id, state, values)
+            raise KeyboardInterrupt  # stands in for SIGKILL
+
+    with pytest.raises(KeyboardInterrupt):
+        _claim(KilledOnceRunning(), handle._study_id, 1, _Heartbeat(rdb))
+    states = [t.state for t in handle.get_trials(deepcopy=False)]
+    assert states == [optuna.trial.TrialState.RUNNING]
+    time.sleep(2.5)  # past the grace period
+    study_module.requeue_stale_jobs(handle)
+    states = [t.state for t in handle.get_trials(deepcopy=False)]
+    assert states == [optuna.trial.TrialState.FAIL, optuna.trial.TrialState.WAITING]
