@@ -18,7 +18,7 @@ from typing import ClassVar
 from ape.objective import Objective
 from ape.prompt import Prompt
 from search.bandit import UCBBandit
-from search.base import option, positive
+from search.base import non_negative, option, positive
 from search.proposal import (
     ProposalOptions,
     chat_flags,
@@ -54,11 +54,7 @@ class APESearcher(ProposalOptions):
             variations=self.variations,
             finalists=self.finalists,
         )
-        for name in ("rounds", "resample_rounds"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be 0 or more, got {getattr(self, name)}")
-        if self.c < 0:
-            raise ValueError(f"c must be 0 or more, got {self.c}")
+        non_negative(rounds=self.rounds, resample_rounds=self.resample_rounds, c=self.c)
 
     # ----------------------------------------------------------------------------- the search
     def search(self, objective: Objective) -> None:

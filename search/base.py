@@ -78,3 +78,10 @@ def positive(**values: float) -> None:
     for name, value in values.items():
         if value is None or value <= 0:
             raise ValueError(f"{name} must be positive, got {value}")
+
+
+def non_negative(**values: float) -> None:
+    """Raise a clear ValueError for any value below zero."""
+    for name, value in values.items():
+        if value is None or value < 0:
+            raise ValueError(f"{name} must be 0 or more, got {value}")

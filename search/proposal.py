@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ape.task import Example
-from search.base import option, positive
+from search.base import non_negative, option, positive
 
 if TYPE_CHECKING:
     from ape.lm import LanguageModel
@@ -244,8 +244,7 @@ class ProposalOptions:
             raise ValueError(
                 f"templates must be one of {', '.join(TEMPLATES)}, not {self.templates!r}"
             )
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be 0 or more, got {self.temperature}")
+        non_negative(temperature=self.temperature)
 
     def proposer(self, objective: Objective) -> LanguageModel:
         return proposer_model(objective, self.proposal_model)

@@ -57,7 +57,7 @@ import torch
 from ape.lm import LanguageModel
 from ape.objective import Objective
 from ape.prompt import Prompt
-from search.base import option, positive
+from search.base import non_negative, option, positive
 from search.rl_policy import PromptPolicy, Rollout
 from search.rl_reward import label_margin, zscore
 
@@ -101,9 +101,7 @@ class RLSearcher:
             reward_correct=self.reward_correct,
             reward_incorrect=self.reward_incorrect,
         )
-        for name in ("learning_rate", "entropy"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be 0 or more, got {getattr(self, name)}")
+        non_negative(learning_rate=self.learning_rate, entropy=self.entropy)
 
     # ----------------------------------------------------------------------------- the search
     def search(self, objective: Objective) -> None:

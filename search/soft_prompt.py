@@ -32,7 +32,7 @@ import torch
 from ape.objective import Objective
 from ape.prompt import Prompt
 from ape.soft_prompt import SoftPrompt, nearest_tokens
-from search.base import option, positive
+from search.base import non_negative, option, positive
 from search.soft_init import INITS, embedding_table, initial_vectors
 from search.soft_loss import make_loss
 
@@ -82,8 +82,7 @@ class SoftPromptSearcher:
             raise ValueError(f"init must be one of {', '.join(INITS)}, not {self.init!r}")
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, not {self.mode!r}")
-        if self.weight_decay < 0:
-            raise ValueError(f"weight_decay must be 0 or more, got {self.weight_decay}")
+        non_negative(weight_decay=self.weight_decay)
 
     def search(self, objective: Objective) -> None:
         lm = objective.lm

@@ -38,7 +38,7 @@ import optuna
 
 from ape.objective import Objective
 from ape.prompt import Prompt
-from search.base import option, positive
+from search.base import non_negative, option, positive
 from search.proposal import PROPOSALS_HELP, SUBSAMPLES_HELP, ProposalOptions
 
 
@@ -72,9 +72,7 @@ class TPESearcher(ProposalOptions):
             full_eval_every=self.full_eval_every,
             finalists=self.finalists,
         )
-        for name in ("max_demos", "n_startup_trials"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be 0 or more, got {getattr(self, name)}")
+        non_negative(max_demos=self.max_demos, n_startup_trials=self.n_startup_trials)
 
     # ----------------------------------------------------------------------------- the search
     def search(self, objective: Objective) -> None:
