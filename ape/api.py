@@ -53,7 +53,7 @@ def optimize(
 
     The searcher's candidates are selected on the validation split; the `test_top` best are then
     scored once on the test split, next to the task with no instruction. `budget` caps scored
-    (prompt, example) pairs plus generated tokens (None: the searcher's own schedule). With a
+    (prompt, example) pairs plus generated tokens (None: the searcher's own schedule).
     `test_examples` scores them on a seeded sample of that many test rows (default: all). With a
     persistent `storage` (e.g. ``"sqlite:///run.db"``), a run interrupted at any moment resumes
     from what it stored. With `workers` > 0, scoring goes to that many local worker processes
@@ -71,8 +71,6 @@ def optimize(
         raise ValueError(f"workers must be 0 or more, got {workers}")
     if workers:
         shared_storage(storage)
-    if test_examples is not None and test_examples <= 0:
-        raise ValueError(f"test_examples must be positive, got {test_examples}")
     task = resolve_task(task_or_path, seed=seed)
     if test_examples is not None:
         task = task.sample_test(test_examples, seed)
@@ -144,17 +142,15 @@ def optimize(
 def _search(search, objective: Objective, meta: dict[str, Any], started: float, test_top: int):
     """Run the searcher, then test its best; Ctrl-C returns what was scored inside `Interrupted`."""
     stopped_by_budget = False
-    began = time.perf_counter()
     try:
-        search.search(objective)
+        with objective.timed("search"):
+            search.search(objective)
     except BudgetExhausted:
         stopped_by_budget = True
     except KeyboardInterrupt as interrupt:
-        objective.seconds["search"] = time.perf_counter() - began
         result = _result(objective, meta, started, tested=0)
         result.interrupted = True
         raise Interrupted(result) from interrupt
-    objective.seconds["search"] = time.perf_counter() - began
     result = _result(objective, meta, started, tested=test_top)
     result.stopped_by_budget = stopped_by_budget
     return result

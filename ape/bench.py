@@ -48,6 +48,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from ape.device import machine_line
 from ape.models import DEFAULT_MODEL
 from ape.result import Result, finite
 from ape.task import TaskError
@@ -428,9 +429,10 @@ def summarize(config: BenchConfig, runs: list[Run] | None = None) -> Summary:
         "curves": curves,
         "missing": [r.name for r in runs if r.name not in results],
     }
-    machines = [
-        dict(m) for m in dict.fromkeys(_frozen(r.machine) for r in results.values() if r.machine)
-    ]
+    machines = []  # distinct, in run order
+    for result in results.values():
+        if result.machine and result.machine not in machines:
+            machines.append(result.machine)
     data["machines"] = machines
     markdown = _markdown(config, rows, wins, win_counts, plots, data["missing"], machines)
     config.out.mkdir(parents=True, exist_ok=True)
@@ -567,7 +569,7 @@ def _markdown(config, rows, wins, win_counts, plots, missing, machines) -> str:
         "± sample standard deviation; *test* is each run's best prompt (chosen on validation) "
         "scored once on the test split. **Bold**: the best mean test score of the task.",
         "",
-        *(f"Timed on: {describe(m)}." for m in machines),
+        *(f"Timed on: {machine_line(m)}." for m in machines),
         "",
         "| task | searcher | test | val | budget used | wall s (median) | runs |",
         "|---|---|---:|---:|---:|---:|---:|",
@@ -594,19 +596,6 @@ def _markdown(config, rows, wins, win_counts, plots, missing, machines) -> str:
 
 
 # ----------------------------------------------------------------------------------- helpers
-def describe(machine: dict[str, Any]) -> str:
-    """One line for a result's `machine` record."""
-    where = machine.get("gpu") or machine.get("cpu", "?")
-    return (
-        f"{machine.get('device', '?')} ({where}), {machine.get('cpu_cores', '?')} cores, "
-        f"{machine.get('torch_threads', '?')} torch threads"
-    )
-
-
-def _frozen(machine: dict[str, Any]) -> tuple:
-    return tuple(sorted(machine.items()))
-
-
 def _safe(name: str) -> str:
     """A name usable in a file name."""
     return re.sub(r"[^\w.+-]", "_", name)

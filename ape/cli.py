@@ -422,11 +422,11 @@ def print_result(result, top: int = 10) -> None:
         return
     print(f"\nbest instruction: {result.best.instruction or '(no instruction)'}")
     ref = result.reference
-    rows = f" on {result.test_examples} test rows" if result.test_examples else ""
+    sample = f" on {result.test_examples} test rows" if result.test_examples else ""
     print(
         f"test score: {fmt(result.best.test_score)}"
         + (f"   (no instruction: {fmt(ref.test_score)})" if ref is not None else "")
-        + rows
+        + sample
     )
     print(
         f"val score:  {fmt(result.best.val_score)}"

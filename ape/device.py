@@ -67,3 +67,12 @@ def describe_machine(device: str | torch.device) -> dict[str, Any]:
     if device.type == "cuda":
         machine["gpu"] = torch.cuda.get_device_name(device)
     return machine
+
+
+def machine_line(machine: dict[str, Any]) -> str:
+    """One line for a `describe_machine` record (fields a record lacks show as ?)."""
+    where = machine.get("gpu") or machine.get("cpu", "?")
+    return (
+        f"{machine.get('device', '?')} ({where}), {machine.get('cpu_cores', '?')} cores, "
+        f"{machine.get('torch_threads', '?')} torch threads"
+    )

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -205,13 +206,12 @@ class Objective:
             if any(missing(r.key, ek) for ek in r.example_keys)
         ]
         if todo:
-            started = time.perf_counter()
-            grid = (
-                self.evaluator.label_logprobs(self.lm, [r.prompt for r in todo], examples)
-                if choice
-                else self.evaluator.score(self.lm, [r.prompt for r in todo], examples)[..., None]
-            )
-            self.seconds["score"] += time.perf_counter() - started
+            asked = [r.prompt for r in todo]
+            with self.timed("score"):
+                if choice:
+                    grid = self.evaluator.label_logprobs(self.lm, asked, examples)
+                else:
+                    grid = self.evaluator.score(self.lm, asked, examples)[..., None]
             self.computed_pairs += len(todo) * len(examples)
             gold = _gold_index(self.evaluator, examples) if choice else None
             for r, rows in zip(todo, grid, strict=True):
@@ -280,17 +280,16 @@ class Objective:
             }
             stored = self.store.generation(request)
             if stored is None:
-                began = time.perf_counter()
-                texts = lm.generate(
-                    chunk,
-                    n=n,
-                    temperature=temperature,
-                    max_new_tokens=max_new_tokens,
-                    seed=None if seed is None else int(content_hash([seed, chunk], 8), 16),
-                    chat=chat,
-                    stop=stop,
-                )
-                self.seconds["generate"] += time.perf_counter() - began
+                with self.timed("generate"):
+                    texts = lm.generate(
+                        chunk,
+                        n=n,
+                        temperature=temperature,
+                        max_new_tokens=max_new_tokens,
+                        seed=None if seed is None else int(content_hash([seed, chunk], 8), 16),
+                        chat=chat,
+                        stop=stop,
+                    )
                 tokens = sum(_token_count(lm, out, max_new_tokens) for out in texts)
                 stored = {"texts": texts, "tokens": tokens}
                 self.store.record_generation(request, stored)
@@ -310,7 +309,6 @@ class Objective:
         This is the evidence a result reports (the finalists' test scores, the no-instruction
         reference), not search, so it costs no budget and is never shown to a searcher.
         """
-        began = time.perf_counter()
         examples = self.val_pool if split == "val" else self.task.test
         keyed = [_Keyed(p, examples) for p in prompts]
         self.add_candidates(prompts, "reference")
@@ -323,11 +321,11 @@ class Objective:
             disable=not self._progress or split == "val",
             dynamic_ncols=True,
         )
-        for start in range(0, len(examples), EVIDENCE_CHUNK):
-            chunk = examples[start : start + EVIDENCE_CHUNK]
-            self._compute([_Keyed(p, chunk) for p in prompts], lambda pair: True, split=split)
-            bar.update(len(prompts) * len(chunk))
-        bar.close()
+        with self.timed("evidence"), bar:
+            for start in range(0, len(examples), EVIDENCE_CHUNK):
+                chunk = examples[start : start + EVIDENCE_CHUNK]
+                self._compute([_Keyed(p, chunk) for p in prompts], lambda pair: True, split=split)
+                bar.update(len(prompts) * len(chunk))
         rows = []
         for r in keyed:
             row = np.array([self.store.scores[(r.key, ek)] for ek in r.example_keys])
@@ -338,7 +336,6 @@ class Objective:
             else:
                 target.test = scores
             rows.append(row)
-        self.seconds["evidence"] += time.perf_counter() - began
         return np.stack(rows) if rows else np.zeros((0, len(examples)))
 
     def _note_best(self, keyed: list[_Keyed]) -> None:
@@ -372,6 +369,15 @@ class Objective:
             self.history[-1] = point  # nothing spent since: the newer best replaces the point
         elif not self.history or self.history[-1][1] != best:
             self.history.append(point)
+
+    @contextmanager
+    def timed(self, phase: str) -> Iterator[None]:
+        """Add the wall time of the block to `seconds[phase]` (reported as `<phase>_s`)."""
+        began = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[phase] += time.perf_counter() - began
 
     def _charge_pairs(self, keyed: list[_Keyed]) -> bool:
         """Charge one unit per pair new to this run, in request order, as far as the budget goes.
@@ -421,17 +427,15 @@ class Objective:
                 todo.append((r.prompt, missing))
         if not todo:
             return
-        started = time.perf_counter()
-        if self.workers is not None:
-            self._dispatch(todo, split)
-        else:
-            for (prompt, examples), row in zip(
-                todo, score_grouped(self.evaluator, self.lm, todo), strict=True
-            ):
-                self.store.record(
-                    prompt, [e.key() for e in examples], row.tolist(), **self._attrs(prompt, split)
-                )
-        self.seconds["score"] += time.perf_counter() - started
+        with self.timed("score"):
+            if self.workers is not None:
+                self._dispatch(todo, split)
+            else:
+                for (prompt, examples), row in zip(
+                    todo, score_grouped(self.evaluator, self.lm, todo), strict=True
+                ):
+                    attrs = self._attrs(prompt, split)
+                    self.store.record(prompt, [e.key() for e in examples], row.tolist(), **attrs)
         self.computed_pairs += sum(len(examples) for _, examples in todo)
 
     def _dispatch(self, todo: list[tuple[Prompt, list[Example]]], split: str) -> None:

@@ -147,12 +147,7 @@ class TrialStore:
         attrs = trial.user_attrs
         if "prompt" not in attrs or "scores" not in attrs:
             return 0  # a trial some other tool put in this study
-        prompt_key = prompt_key_of(attrs["prompt"])
-        for example, score in zip(attrs["examples"], attrs["scores"], strict=True):
-            self.scores[(prompt_key, example)] = float(score)
-            self.pending.pop((prompt_key, example), None)
-        for example, detail in zip(attrs["examples"], attrs.get("details", ()), strict=False):
-            self.details[(prompt_key, example)] = detail
+        self._remember(prompt_key_of(attrs["prompt"]), attrs)
         if "job_id" in attrs:
             self._collected.add(attrs["job_id"])
         return 1
@@ -179,22 +174,26 @@ class TrialStore:
         values = [float(s) for s in scores]
         if details is not None:
             attrs["details"] = [[float(x) for x in d] for d in details]
-        trial = optuna.trial.create_trial(
-            value=sum(values) / len(values),
-            user_attrs={
-                "prompt": prompt_to_json(prompt),
-                "examples": list(examples),
-                "scores": values,
-                "n_examples": len(values),
-                **attrs,
-            },
+        user_attrs = {
+            "prompt": prompt_to_json(prompt),
+            "examples": list(examples),
+            "scores": values,
+            "n_examples": len(values),
+            **attrs,
+        }
+        self.study.add_trial(
+            optuna.trial.create_trial(value=sum(values) / len(values), user_attrs=user_attrs)
         )
-        self.study.add_trial(trial)
-        key = prompt.key()
-        for example, score in zip(examples, values, strict=True):
-            self.scores[(key, example)] = score
-        for example, detail in zip(examples, attrs.get("details", ()), strict=False):
-            self.details[(key, example)] = detail
+        self._remember(prompt.key(), user_attrs)
+
+    def _remember(self, prompt_key: str, attrs: dict[str, Any]) -> None:
+        """Cache a trial's scores (and details, when it has them) by (prompt, example) key."""
+        for example, score in zip(attrs["examples"], attrs["scores"], strict=True):
+            self.scores[(prompt_key, example)] = float(score)
+            self.pending.pop((prompt_key, example), None)
+        if "details" in attrs:
+            for example, detail in zip(attrs["examples"], attrs["details"], strict=True):
+                self.details[(prompt_key, example)] = detail
 
     # ------------------------------------------------------------------ jobs for workers
     def submit(self, prompt: Prompt, examples: Sequence[Example], **attrs: Any) -> str:

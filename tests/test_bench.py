@@ -15,6 +15,7 @@ from conftest import WORDS, write_task_file
 import ape.api
 from ape import bench
 from ape.cli import main
+from ape.device import machine_line
 from ape.models import load_model
 from ape.result import Result
 
@@ -152,7 +153,7 @@ def test_summary_table_and_json_hold_mean_and_std_across_seeds_and_wins(finished
     assert sum(data["win_counts"].values()) == 2
     assert "| searcher | wins | tasks |" in markdown
     assert data["machines"] and data["machines"][0]["device"] == "cpu"
-    assert f"Timed on: {bench.describe(data['machines'][0])}." in markdown
+    assert f"Timed on: {machine_line(data['machines'][0])}." in markdown
     curves = data["curves"]["reverse"]
     assert set(curves["searchers"]) == {"none", "ape"}
     assert len(curves["searchers"]["ape"]["mean"]) == len(curves["budget"])

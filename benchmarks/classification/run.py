@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 import ape
-from ape.device import cpu_name
+from ape.device import describe_machine, machine_line
 from ape.soft_prompt import SoftPrompt
 from ape.task import read_examples
 
@@ -210,8 +210,7 @@ def write(out: Path, rows: list[dict], fixed: dict, args) -> None:
     env = {
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "model": "smollm2-135m (SmolLM2-135M-Instruct, float32)",
-        "device": f"cpu ({cpu_name()}), "
-        f"{torch.get_num_threads()} torch threads, {os.cpu_count()} cores",
+        "device": machine_line(describe_machine("cpu")),
         "torch": torch.__version__,
         "load_average_1min": os.getloadavg()[0],
     }
