@@ -60,7 +60,7 @@ def optimize(
     sharing `storage` (a database URL; more can join from other machines, see ape/worker.py).
     `options` are the searcher's hyperparameters.
     """
-    from search.base import get_searcher  # the face reaches searchers only by name
+    from ape.search.base import get_searcher  # the face reaches searchers only by name
 
     started = time.perf_counter()
     if budget is not None and budget <= 0:

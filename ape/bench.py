@@ -200,7 +200,7 @@ def load_config(path: str | Path) -> BenchConfig:
 
 
 def _searchers(entries: Any, fail) -> list[SearcherSpec]:
-    from search.base import field_type, get_searcher, searcher_class
+    from ape.search.base import field_type, get_searcher, searcher_class
 
     if not isinstance(entries, list) or not entries:
         raise fail("searchers", "must be a non-empty list of searcher names or objects")

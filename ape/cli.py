@@ -100,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_optimize(commands) -> None:
-    from search.base import available_searchers
+    from ape.search.base import available_searchers
 
     optimize = commands.add_parser(
         "optimize",
@@ -165,7 +165,7 @@ def _add_optimize(commands) -> None:
 
 def _add_searcher_options(parser: argparse.ArgumentParser, searcher: str) -> None:
     """One flag per searcher hyperparameter, grouped by searcher; absent flags keep defaults."""
-    from search.base import field_type, searcher_class, searcher_options
+    from ape.search.base import field_type, searcher_class, searcher_options
 
     cls = searcher_class(searcher)
     group = parser.add_argument_group(f"options of --searcher {searcher}")
@@ -262,7 +262,7 @@ def _run_optimize(args: argparse.Namespace) -> int:
     from ape.evaluation import make_evaluator
     from ape.models import load_model
     from ape.task import load_task
-    from search.base import get_searcher
+    from ape.search.base import get_searcher
 
     options = _searcher_arguments(args)
     if args.budget is not None and args.budget <= 0:

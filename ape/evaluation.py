@@ -38,7 +38,7 @@ def evaluator_options(name: str, task: Task, **options: Any) -> dict[str, Any]:
 
 def make_evaluator(name: str, task: Task, **options: Any):
     """The named evaluator, with the task's metric and labels filled in where it takes them."""
-    from evaluators.base import get_evaluator  # the face reaches evaluators only by name
+    from ape.evaluators.base import get_evaluator  # the face reaches evaluators only by name
 
     return get_evaluator(name, **evaluator_options(name, task, **options))
 

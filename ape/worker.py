@@ -128,7 +128,7 @@ def run_worker(
     Returns the number of jobs this worker completed.
     """
     from ape.models import load_model
-    from evaluators.base import get_evaluator
+    from ape.evaluators.base import get_evaluator
 
     rdb = open_storage(shared_storage(storage))
     try:

@@ -10,7 +10,7 @@ import numpy as np
 from ape.lm import LanguageModel
 from ape.prompt import Prompt
 from ape.task import Example
-from evaluators.metrics import METRICS, score
+from ape.evaluators.metrics import METRICS, score
 
 DEFAULT_METRIC = "em"
 

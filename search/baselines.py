@@ -13,7 +13,7 @@ import numpy as np
 
 from ape.objective import Objective
 from ape.prompt import Prompt
-from search.base import option, positive
+from ape.search.base import option, positive
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ape.task import Example
-from search.base import non_negative, option, positive
+from ape.search.base import non_negative, option, positive
 
 if TYPE_CHECKING:
     from ape.lm import LanguageModel

@@ -10,10 +10,10 @@ import pytest
 from ape.prompt import Prompt
 from ape.reference import reference_loglikelihood
 from ape.task import Example
-from evaluators.base import Evaluator, available_evaluators, get_evaluator
-from evaluators.choice import ChoiceEvaluator
-from evaluators.generation import GenerationEvaluator
-from evaluators.loglik import LoglikEvaluator, LoglikSumEvaluator
+from ape.evaluators.base import Evaluator, available_evaluators, get_evaluator
+from ape.evaluators.choice import ChoiceEvaluator
+from ape.evaluators.generation import GenerationEvaluator
+from ape.evaluators.loglik import LoglikEvaluator, LoglikSumEvaluator
 
 EXAMPLES = [
     Example("hot", "cold"),

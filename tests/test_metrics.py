@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from evaluators.metrics import (
+from ape.evaluators.metrics import (
     METRICS,
     contains,
     exact_match,

@@ -16,9 +16,9 @@ from ape.prompt import Prompt
 from ape.result import Result
 from ape.study import TrialStore
 from ape.task import Example, Task
-from search.base import get_searcher
-from search.rl_policy import PromptPolicy, load_policy
-from search.rl_reward import label_margin, zscore
+from ape.search.base import get_searcher
+from ape.search.rl.policy import PromptPolicy, load_policy
+from ape.search.rl.reward import label_margin, zscore
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -175,7 +175,7 @@ def test_run_records_a_trial_for_every_sampled_prompt(run, sentiment):
 
 
 def test_trials_cover_every_sampled_prompt(sentiment, tiny_lm):
-    from search.rl import RLSearcher
+    from ape.search.rl.searcher import RLSearcher
 
     objective = _objective(sentiment, tiny_lm)
     RLSearcher(**KNOBS).search(objective)
@@ -188,7 +188,7 @@ def test_trials_cover_every_sampled_prompt(sentiment, tiny_lm):
 
 
 def test_the_policy_model_can_differ_from_the_task_model(sentiment, tiny_lm, tiny_model_dir):
-    from search.rl import RLSearcher
+    from ape.search.rl.searcher import RLSearcher
 
     objective = _objective(sentiment, tiny_lm)
     RLSearcher(**KNOBS, policy_model=str(tiny_model_dir)).search(objective)
@@ -325,7 +325,7 @@ def test_cli_optimize_with_rl(tmp_path, tiny_model_dir):
 
 
 def test_classification_minibatches_are_balanced_and_seeded(sentiment):
-    from search.rl import _minibatches
+    from ape.search.rl.searcher import _minibatches
 
     batches = _minibatches(sentiment.train, 4, seed=0, balanced=True)
     drawn = [next(batches) for _ in range(6)]

@@ -14,11 +14,11 @@ from ape.objective import BudgetExhausted, Objective
 from ape.prompt import Prompt
 from ape.study import TrialStore
 from ape.task import Example, Task
-from search.ape import APESearcher
-from search.bandit import UCBBandit
-from search.base import available_searchers, get_searcher, searcher_options
-from search.baselines import GivenInstructions, NoInstruction, RandomDemos
-from search.proposal import (
+from ape.search.ape.searcher import APESearcher
+from ape.search.bandit import UCBBandit
+from ape.search.base import available_searchers, get_searcher, searcher_options
+from ape.search.baselines import GivenInstructions, NoInstruction, RandomDemos
+from ape.search.proposal import (
     clean_instruction,
     proposal_prompt,
     resample_prompt,

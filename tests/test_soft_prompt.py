@@ -16,8 +16,8 @@ from ape.reference import reference_loglikelihood
 from ape.result import Result
 from ape.soft_prompt import SoftPrompt, nearest_tokens
 from ape.task import Example, Task
-from search.soft_init import FREQUENT_TOKENS, initial_vectors
-from search.soft_loss import make_loss
+from ape.search.soft.init import FREQUENT_TOKENS, initial_vectors
+from ape.search.soft.loss import make_loss
 
 TOL = 1e-4
 INSTRUCTION = "Instruction: Write a word that means the opposite of the input word."

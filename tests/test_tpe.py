@@ -18,10 +18,10 @@ from ape.objective import Objective
 from ape.prompt import Prompt
 from ape.study import TrialStore
 from ape.task import Example, Task
-from search.ape import APESearcher
-from search.base import get_searcher
-from search.proposal import clean_instruction, proposal_prompt, propose, unique
-from search.tpe import TPESearcher
+from ape.search.ape.searcher import APESearcher
+from ape.search.base import get_searcher
+from ape.search.proposal import clean_instruction, proposal_prompt, propose, unique
+from ape.search.tpe.searcher import TPESearcher
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

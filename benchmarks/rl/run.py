@@ -26,7 +26,7 @@ import ape
 from ape.device import cpu_name
 from ape.evaluation import make_evaluator
 from ape.prompt import Prompt
-from search.rl_policy import _banned_tokens
+from ape.search.rl.policy import _banned_tokens
 
 DATA = Path("/work/shared/data/classification")
 MANUAL = {

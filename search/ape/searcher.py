@@ -17,9 +17,9 @@ from typing import ClassVar
 
 from ape.objective import Objective
 from ape.prompt import Prompt
-from search.bandit import UCBBandit
-from search.base import non_negative, option, positive
-from search.proposal import (
+from ape.search.bandit import UCBBandit
+from ape.search.base import non_negative, option, positive
+from ape.search.proposal import (
     ProposalOptions,
     chat_flags,
     resample_prompt,

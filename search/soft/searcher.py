@@ -32,9 +32,9 @@ import torch
 from ape.objective import Objective
 from ape.prompt import Prompt
 from ape.soft_prompt import SoftPrompt, nearest_tokens
-from search.base import non_negative, option, positive
-from search.soft_init import INITS, embedding_table, initial_vectors
-from search.soft_loss import make_loss
+from ape.search.base import non_negative, option, positive
+from ape.search.soft.init import INITS, embedding_table, initial_vectors
+from ape.search.soft.loss import make_loss
 
 MODES = ("continuous", "pez")
 DEFAULT_INIT_TEXT = "Read the input and give the right output."

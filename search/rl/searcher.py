@@ -57,9 +57,9 @@ import torch
 from ape.lm import LanguageModel
 from ape.objective import Objective
 from ape.prompt import Prompt
-from search.base import non_negative, option, positive
-from search.rl_policy import PromptPolicy, Rollout
-from search.rl_reward import label_margin, zscore
+from ape.search.base import non_negative, option, positive
+from ape.search.rl.policy import PromptPolicy, Rollout
+from ape.search.rl.reward import label_margin, zscore
 
 # Evaluators whose scores are a usable reward on their own (for tasks other than classification).
 _LOGLIK = ("loglik", "loglik_sum")

@@ -38,8 +38,8 @@ import optuna
 
 from ape.objective import Objective
 from ape.prompt import Prompt
-from search.base import non_negative, option, positive
-from search.proposal import PROPOSALS_HELP, SUBSAMPLES_HELP, ProposalOptions
+from ape.search.base import non_negative, option, positive
+from ape.search.proposal import PROPOSALS_HELP, SUBSAMPLES_HELP, ProposalOptions
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,5 @@
+"""Soft prompts: trained vectors before the input (prompt tuning, PEZ)."""
+
+from ape.search.soft.searcher import SoftPromptSearcher
+
+__all__ = ["SoftPromptSearcher"]
