@@ -261,8 +261,8 @@ def _run_optimize(args: argparse.Namespace) -> int:
     from ape.api import Interrupted, optimize
     from ape.evaluation import make_evaluator
     from ape.models import load_model
-    from ape.task import load_task
     from ape.search.base import get_searcher
+    from ape.task import load_task
 
     options = _searcher_arguments(args)
     if args.budget is not None and args.budget <= 0:

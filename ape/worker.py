@@ -127,8 +127,8 @@ def run_worker(
 
     Returns the number of jobs this worker completed.
     """
-    from ape.models import load_model
     from ape.evaluators.base import get_evaluator
+    from ape.models import load_model
 
     rdb = open_storage(shared_storage(storage))
     try:

@@ -6,11 +6,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from ape.evaluators.metrics import METRICS, score
 
 from ape.lm import LanguageModel
 from ape.prompt import Prompt
 from ape.task import Example
-from ape.evaluators.metrics import METRICS, score
 
 DEFAULT_METRIC = "em"
 

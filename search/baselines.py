@@ -10,10 +10,10 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
+from ape.search.base import option, positive
 
 from ape.objective import Objective
 from ape.prompt import Prompt
-from ape.search.base import option, positive
 
 
 @dataclass(frozen=True)

@@ -11,9 +11,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
+from ape.search.base import non_negative, option, positive
 
 from ape.task import Example
-from ape.search.base import non_negative, option, positive
 
 if TYPE_CHECKING:
     from ape.lm import LanguageModel

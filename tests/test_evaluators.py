@@ -6,14 +6,14 @@ from collections.abc import Sequence
 
 import numpy as np
 import pytest
-
-from ape.prompt import Prompt
-from ape.reference import reference_loglikelihood
-from ape.task import Example
 from ape.evaluators.base import Evaluator, available_evaluators, get_evaluator
 from ape.evaluators.choice import ChoiceEvaluator
 from ape.evaluators.generation import GenerationEvaluator
 from ape.evaluators.loglik import LoglikEvaluator, LoglikSumEvaluator
+
+from ape.prompt import Prompt
+from ape.reference import reference_loglikelihood
+from ape.task import Example
 
 EXAMPLES = [
     Example("hot", "cold"),

@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-
 from ape.evaluators.metrics import (
     METRICS,
     contains,

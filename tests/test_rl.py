@@ -7,6 +7,9 @@ import json
 import numpy as np
 import pytest
 import torch
+from ape.search.base import get_searcher
+from ape.search.rl.policy import PromptPolicy, load_policy
+from ape.search.rl.reward import label_margin, zscore
 
 import ape
 from ape.cli import main
@@ -16,9 +19,6 @@ from ape.prompt import Prompt
 from ape.result import Result
 from ape.study import TrialStore
 from ape.task import Example, Task
-from ape.search.base import get_searcher
-from ape.search.rl.policy import PromptPolicy, load_policy
-from ape.search.rl.reward import label_margin, zscore
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -7,13 +7,6 @@ import zlib
 
 import numpy as np
 import pytest
-from conftest import SMALL_APE
-
-import ape
-from ape.objective import BudgetExhausted, Objective
-from ape.prompt import Prompt
-from ape.study import TrialStore
-from ape.task import Example, Task
 from ape.search.ape.searcher import APESearcher
 from ape.search.bandit import UCBBandit
 from ape.search.base import available_searchers, get_searcher, searcher_options
@@ -24,6 +17,13 @@ from ape.search.proposal import (
     resample_prompt,
     unique,
 )
+from conftest import SMALL_APE
+
+import ape
+from ape.objective import BudgetExhausted, Objective
+from ape.prompt import Prompt
+from ape.study import TrialStore
+from ape.task import Example, Task
 
 # Small APE knobs: a run on the tiny model takes seconds.
 pytestmark = pytest.mark.usefixtures("single_thread")

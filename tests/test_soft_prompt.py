@@ -8,6 +8,8 @@ import json
 import numpy as np
 import pytest
 import torch
+from ape.search.soft.init import FREQUENT_TOKENS, initial_vectors
+from ape.search.soft.loss import make_loss
 
 import ape
 from ape.lm import HFLanguageModel
@@ -16,8 +18,6 @@ from ape.reference import reference_loglikelihood
 from ape.result import Result
 from ape.soft_prompt import SoftPrompt, nearest_tokens
 from ape.task import Example, Task
-from ape.search.soft.init import FREQUENT_TOKENS, initial_vectors
-from ape.search.soft.loss import make_loss
 
 TOL = 1e-4
 INSTRUCTION = "Instruction: Write a word that means the opposite of the input word."

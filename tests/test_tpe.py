@@ -10,6 +10,10 @@ import numpy as np
 import optuna
 import pytest
 import torch
+from ape.search.ape.searcher import APESearcher
+from ape.search.base import get_searcher
+from ape.search.proposal import clean_instruction, proposal_prompt, propose, unique
+from ape.search.tpe.searcher import TPESearcher
 
 import ape
 from ape.api import ranked
@@ -18,10 +22,6 @@ from ape.objective import Objective
 from ape.prompt import Prompt
 from ape.study import TrialStore
 from ape.task import Example, Task
-from ape.search.ape.searcher import APESearcher
-from ape.search.base import get_searcher
-from ape.search.proposal import clean_instruction, proposal_prompt, propose, unique
-from ape.search.tpe.searcher import TPESearcher
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -21,12 +21,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from ape.search.rl.policy import _banned_tokens
 
 import ape
 from ape.device import cpu_name
 from ape.evaluation import make_evaluator
 from ape.prompt import Prompt
-from ape.search.rl.policy import _banned_tokens
 
 DATA = Path("/work/shared/data/classification")
 MANUAL = {

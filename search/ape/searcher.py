@@ -15,8 +15,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from ape.objective import Objective
-from ape.prompt import Prompt
 from ape.search.bandit import UCBBandit
 from ape.search.base import non_negative, option, positive
 from ape.search.proposal import (
@@ -26,6 +24,9 @@ from ape.search.proposal import (
     sample_instructions,
     unique,
 )
+
+from ape.objective import Objective
+from ape.prompt import Prompt
 
 
 @dataclass(frozen=True)

@@ -53,13 +53,13 @@ from typing import ClassVar
 
 import numpy as np
 import torch
+from ape.search.base import non_negative, option, positive
+from ape.search.rl.policy import PromptPolicy, Rollout
+from ape.search.rl.reward import label_margin, zscore
 
 from ape.lm import LanguageModel
 from ape.objective import Objective
 from ape.prompt import Prompt
-from ape.search.base import non_negative, option, positive
-from ape.search.rl.policy import PromptPolicy, Rollout
-from ape.search.rl.reward import label_margin, zscore
 
 # Evaluators whose scores are a usable reward on their own (for tasks other than classification).
 _LOGLIK = ("loglik", "loglik_sum")

@@ -28,13 +28,13 @@ from typing import ClassVar
 
 import numpy as np
 import torch
+from ape.search.base import non_negative, option, positive
+from ape.search.soft.init import INITS, embedding_table, initial_vectors
+from ape.search.soft.loss import make_loss
 
 from ape.objective import Objective
 from ape.prompt import Prompt
 from ape.soft_prompt import SoftPrompt, nearest_tokens
-from ape.search.base import non_negative, option, positive
-from ape.search.soft.init import INITS, embedding_table, initial_vectors
-from ape.search.soft.loss import make_loss
 
 MODES = ("continuous", "pez")
 DEFAULT_INIT_TEXT = "Read the input and give the right output."

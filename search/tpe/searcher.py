@@ -35,11 +35,11 @@ from typing import ClassVar
 
 import numpy as np
 import optuna
+from ape.search.base import non_negative, option, positive
+from ape.search.proposal import PROPOSALS_HELP, SUBSAMPLES_HELP, ProposalOptions
 
 from ape.objective import Objective
 from ape.prompt import Prompt
-from ape.search.base import non_negative, option, positive
-from ape.search.proposal import PROPOSALS_HELP, SUBSAMPLES_HELP, ProposalOptions
 
 
 @dataclass(frozen=True)
