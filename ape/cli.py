@@ -9,6 +9,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from ape.flags import SearcherFlags, help_focus
 from ape.models import DEFAULT_MODEL, ModelError
 from ape.task import TaskError
 
@@ -41,11 +42,26 @@ def _add_task_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(searcher: str | None = None) -> argparse.ArgumentParser:
+    """The `ape` parser; with `searcher`, `optimize --help` shows that searcher's options only."""
     parser = argparse.ArgumentParser(
         prog="ape", description="Find the prompt that makes your model do your task best."
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_evaluate(commands)
+    _add_optimize(commands, searcher)
+    _add_bench(commands)
+    _add_worker(commands)
+    show = commands.add_parser(
+        "show", help="print a saved result", description="Print a result JSON saved by optimize."
+    )
+    show.add_argument("result", help="a result JSON written by 'ape optimize --out'")
+    show.add_argument("--top", type=int, default=10, help="leaderboard rows to print (default: 10)")
+    show.set_defaults(run=_run_show)
+    return parser
+
+
+def _add_evaluate(commands) -> None:
     evaluate = commands.add_parser(
         "evaluate",
         help="score given instructions on a task split",
@@ -70,8 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--split", default="test", choices=["train", "val", "test"], help="default: test"
     )
     evaluate.set_defaults(run=_run_evaluate)
-    _add_optimize(commands)
-    _add_bench(commands)
+
+
+def _add_worker(commands) -> None:
     worker = commands.add_parser(
         "worker",
         help="score the jobs a running optimize queues in a shared study",
@@ -90,16 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     worker.add_argument("--quiet", action="store_true", help="no progress bar")
     worker.set_defaults(run=_run_worker)
-    show = commands.add_parser(
-        "show", help="print a saved result", description="Print a result JSON saved by optimize."
-    )
-    show.add_argument("result", help="a result JSON written by 'ape optimize --out'")
-    show.add_argument("--top", type=int, default=10, help="leaderboard rows to print (default: 10)")
-    show.set_defaults(run=_run_show)
-    return parser
 
 
-def _add_optimize(commands) -> None:
+def _add_optimize(commands, searcher: str | None) -> None:
     from ape.search.base import available_searchers
 
     optimize = commands.add_parser(
@@ -110,11 +120,15 @@ def _add_optimize(commands) -> None:
         "Optuna study, so rerunning an interrupted command resumes where it stopped.",
     )
     _add_task_arguments(optimize)
-    optimize.add_argument(
-        "--searcher",
-        default="ape",
-        help=f"{', '.join(available_searchers())} (default: ape)",
-    )
+    names = ", ".join(available_searchers())
+    optimize.add_argument("--searcher", default="ape", help=f"{names} (default: ape)")
+    _add_run_arguments(optimize)
+    flags = SearcherFlags.registered()
+    flags.add_to(optimize, focus=searcher)
+    optimize.set_defaults(run=_run_optimize, searcher_flags=flags)
+
+
+def _add_run_arguments(optimize: argparse.ArgumentParser) -> None:
     optimize.add_argument(
         "--budget",
         type=int,
@@ -122,8 +136,7 @@ def _add_optimize(commands) -> None:
         "the searcher's own schedule)",
     )
     optimize.add_argument(
-        "--out",
-        help="result JSON (default: ape-runs/TASK-SEARCHER-seedSEED.json)",
+        "--out", help="result JSON (default: ape-runs/TASK-SEARCHER-seedSEED.json)"
     )
     optimize.add_argument(
         "--storage",
@@ -131,23 +144,16 @@ def _add_optimize(commands) -> None:
         f"(default: {DEFAULT_STORAGE})",
     )
     optimize.add_argument("--study", help="study name (default: TASK-<hash of model+evaluator>)")
-    optimize.add_argument(
-        "--val-examples",
-        type=int,
-        default=100,
-        help="validation examples the finalists are judged on (default: 100)",
-    )
-    optimize.add_argument(
-        "--test-top",
-        type=int,
-        default=3,
-        help="best candidates scored on the test split (default: 3)",
-    )
-    optimize.add_argument(
-        "--test-examples",
-        type=int,
-        help="score the finalists on a seeded sample of this many test rows (default: all)",
-    )
+    for flag, default, text in (
+        ("--val-examples", 100, "validation examples the finalists are judged on (default: 100)"),
+        ("--test-top", 3, "best candidates scored on the test split (default: 3)"),
+        (
+            "--test-examples",
+            None,
+            "score the finalists on a seeded sample of this many test rows (default: all)",
+        ),
+    ):
+        optimize.add_argument(flag, type=int, default=default, help=text)
     optimize.add_argument("--top", type=int, default=10, help="leaderboard rows to print")
     optimize.add_argument(
         "--workers",
@@ -157,79 +163,17 @@ def _add_optimize(commands) -> None:
         "workers on other machines join with 'ape worker' (default: 0, score in this process)",
     )
     optimize.add_argument("--quiet", action="store_true", help="no progress bars")
-    _SEARCHER_FLAGS.clear()  # a parser built again (main() called twice) registers them anew
-    for name in available_searchers():
-        _add_searcher_options(optimize, name)
-    optimize.set_defaults(run=_run_optimize)
-
-
-def _add_searcher_options(parser: argparse.ArgumentParser, searcher: str) -> None:
-    """One flag per searcher hyperparameter, grouped by searcher; absent flags keep defaults."""
-    from ape.search.base import field_type, searcher_class, searcher_options
-
-    cls = searcher_class(searcher)
-    group = parser.add_argument_group(f"options of --searcher {searcher}")
-    for field in searcher_options(searcher):
-        flag = field.metadata.get("flag") or "--" + field.name.replace("_", "-")
-        owners = _SEARCHER_FLAGS.setdefault(flag, (field.name, []))[1]
-        owners.append(searcher)
-        if len(owners) > 1:  # the flag exists already; it now applies to this searcher too
-            action = parser._option_string_actions[flag]
-            first = searcher_class(owners[0])
-            if field.default != first.__dataclass_fields__[field.name].default:
-                action.help += f" (default for {searcher}: {field.default!r})"
-            continue
-        kind = field_type(cls, field)
-        help_text = field.metadata.get("help", "")
-        if "(default:" not in help_text:
-            help_text += f" (default: {field.default!r})"
-        if kind == tuple[str, ...]:  # generic aliases are equal, never identical
-            group.add_argument(
-                flag,
-                dest=_dest(flag),
-                action="append",
-                help=help_text,
-                default=argparse.SUPPRESS,
-                metavar="TEXT",
-            )
-            continue
-        convert = {int: int, float: float}.get(kind, str)
-        group.add_argument(
-            flag,
-            dest=_dest(flag),
-            type=convert,
-            help=help_text,
-            default=argparse.SUPPRESS,
-            metavar={int: "N", float: "X"}.get(kind, "TEXT"),
-        )
-
-
-# flag -> (field name, searchers that take it); filled as the parser is built
-_SEARCHER_FLAGS: dict[str, tuple[str, list[str]]] = {}
-
-
-def _dest(flag: str) -> str:
-    return "searcher_" + flag.lstrip("-").replace("-", "_")
 
 
 def _searcher_arguments(args: argparse.Namespace) -> dict:
-    options = {}
-    for flag, (field, owners) in _SEARCHER_FLAGS.items():
-        if not hasattr(args, _dest(flag)):
-            continue
-        if args.searcher not in owners:
-            raise ValueError(
-                f"{flag} is an option of --searcher {' or '.join(owners)}, not {args.searcher}"
-            )
-        value = getattr(args, _dest(flag))
-        options[field] = tuple(value) if isinstance(value, list) else value
-    return options
+    """The searcher options given on the command line, by field name."""
+    return args.searcher_flags.values(args, args.searcher)
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
     from ape.evaluation import evaluate, make_evaluator
     from ape.models import load_model
-    from ape.soft_prompt import SoftPrompt
+    from ape.search.soft.prompt import SoftPrompt
     from ape.task import load_task
 
     task = load_task(args.data, val=args.val, test=args.test, seed=args.seed)
@@ -259,6 +203,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
 
 def _run_optimize(args: argparse.Namespace) -> int:
     from ape.api import Interrupted, optimize
+    from ape.capabilities import check
     from ape.evaluation import make_evaluator
     from ape.models import load_model
     from ape.search.base import get_searcher
@@ -272,8 +217,8 @@ def _run_optimize(args: argparse.Namespace) -> int:
         if value is not None and value <= 0:
             raise ValueError(f"--{flag.replace('_', '-')} must be positive, got {value}")
     task = load_task(args.data, val=args.val, test=args.test, seed=args.seed)
-    make_evaluator(args.evaluator, task)  # bad names fail before the slow model load
-    get_searcher(args.searcher, **options)
+    scorer = make_evaluator(args.evaluator, task)  # bad names fail before the slow model load
+    check(get_searcher(args.searcher, **options), scorer)  # so does a searcher it cannot serve
     out = args.out or f"{DEFAULT_RUNS}/{task.name}-{args.searcher}-seed{args.seed}.json"
     storage = args.storage or DEFAULT_STORAGE
     lm = load_model(args.model, device=args.device, dtype=args.dtype)
@@ -328,32 +273,13 @@ def _run_worker(args: argparse.Namespace) -> int:
 
 
 def _add_bench(commands) -> None:
+    from ape.bench.config import CONFIG_HELP
+
     bench = commands.add_parser(
         "bench",
         help="compare searchers on tasks and seeds at an equal budget",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="""\
-Run every searcher on every task with every seed at the same budget, loading
-the model once, then write a summary table (mean ± std across seeds, per-task
-wins) and plots of the best validation score against budget spent.
-
-CONFIG is a JSON file (or TOML, *.toml) with the keys:
-  tasks         task paths or bundled task names (required); relative paths are
-                taken from the config's folder when they exist there, else from
-                the working directory
-  searchers     names, or {"name": ..., "options": {...}, "label": ...}
-                (required; a searcher listed twice needs distinct labels)
-  budget        units per run: scored pairs + generated tokens (required, > 0)
-  seeds         list of seeds (default: [0])
-  model         default: smollm2-135m;  evaluator: default loglik
-  out           output folder (default: <config name>-results beside the config)
-  storage       Optuna storage URL (default: sqlite:///OUT/studies.db)
-  val_examples, test_top, test_examples, device, dtype: as for 'ape optimize'
-
-Writes OUT/runs/TASK-SEARCHER-seedSEED.json (one result per run), OUT/summary.md,
-OUT/summary.json and OUT/plots/TASK.png (plots need matplotlib: the 'plot'
-extra). A run whose result exists is skipped, so after Ctrl-C (exit 130) the
-same command continues; a run cut off midway resumes from the storage.""",
+        description=CONFIG_HELP,
     )
     bench.add_argument(
         "config", metavar="CONFIG", help="the bench config file (JSON, or TOML ending in .toml)"
@@ -449,7 +375,10 @@ def _print_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    from ape.search.base import available_searchers
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(help_focus(argv, available_searchers()))
     args = parser.parse_args(argv)
     try:
         return args.run(args)

@@ -7,16 +7,17 @@ packages add evaluators by declaring an entry point in that group.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from importlib.metadata import EntryPoint, entry_points
 from typing import Protocol, runtime_checkable
 
 import numpy as np
 
 from ape.lm import LanguageModel
 from ape.prompt import Prompt
+from ape.registry import Registry
 from ape.task import Example
 
 ENTRY_POINT_GROUP = "ape.evaluators"
+EVALUATORS = Registry(ENTRY_POINT_GROUP, "evaluator")
 
 
 @runtime_checkable
@@ -36,18 +37,11 @@ class Evaluator(Protocol):
         ...
 
 
-def _entry_points() -> dict[str, EntryPoint]:
-    return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
-
-
 def available_evaluators() -> list[str]:
     """Names accepted by `get_evaluator`, sorted."""
-    return sorted(_entry_points())
+    return EVALUATORS.names()
 
 
 def get_evaluator(name: str, **options: object) -> Evaluator:
     """The evaluator registered as `name`, constructed with `options`."""
-    points = _entry_points()
-    if name not in points:
-        raise ValueError(f"unknown evaluator {name!r}; choose one of: {', '.join(sorted(points))}")
-    return points[name].load()(**options)
+    return EVALUATORS.load(name)(**options)

@@ -10,13 +10,13 @@ point in the same group.
 from __future__ import annotations
 
 import dataclasses
-import typing
-from importlib.metadata import EntryPoint, entry_points
 from typing import Any, Protocol, runtime_checkable
 
 from ape.objective import Objective
+from ape.registry import Registry
 
 ENTRY_POINT_GROUP = "ape.searchers"
+SEARCHERS = Registry(ENTRY_POINT_GROUP, "searcher")
 
 
 @runtime_checkable
@@ -29,25 +29,23 @@ class Searcher(Protocol):
 
 
 def option(default: Any, help: str, flag: str | None = None) -> Any:
-    """A searcher hyperparameter with its CLI help text (and flag, if not --field-name)."""
+    """A searcher hyperparameter with its CLI help text (and flag, if not --field-name).
+
+    Its type annotation is one that `ape.options` supports: bool, int, float, str,
+    Literal[...], X | None, tuple[str, ...] or list[str].
+    """
     metadata = {"help": help, "flag": flag} if flag else {"help": help}
     return dataclasses.field(default=default, metadata=metadata)
 
 
-def _entry_points() -> dict[str, EntryPoint]:
-    return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
-
-
 def available_searchers() -> list[str]:
     """Names accepted by `get_searcher`, sorted."""
-    return sorted(_entry_points())
+    return SEARCHERS.names()
 
 
 def searcher_class(name: str) -> type:
-    points = _entry_points()
-    if name not in points:
-        raise ValueError(f"unknown searcher {name!r}; choose one of: {', '.join(sorted(points))}")
-    return points[name].load()
+    """The class registered as `name` (ValueError naming the choices if there is none)."""
+    return SEARCHERS.load(name)
 
 
 def get_searcher(name: str, **options: Any) -> Searcher:
@@ -66,11 +64,6 @@ def get_searcher(name: str, **options: Any) -> Searcher:
 def searcher_options(name: str) -> list[dataclasses.Field]:
     """The hyperparameter fields of searcher `name`."""
     return list(dataclasses.fields(searcher_class(name)))
-
-
-def field_type(cls: type, field: dataclasses.Field) -> Any:
-    """The field's annotation as a type (annotations are strings under __future__ annotations)."""
-    return typing.get_type_hints(cls)[field.name]
 
 
 def positive(**values: float) -> None:

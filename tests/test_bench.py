@@ -291,7 +291,15 @@ GOOD = {"tasks": ["antonyms"], "searchers": ["none"], "budget": 100}
         ),
         (
             {**GOOD, "searchers": [{"name": "ape", "options": {"rounds": "2"}}]},
-            "'searchers[0]' (ape): option 'rounds' has the wrong type",
+            "'searchers[0]' (ape): option 'rounds' has the wrong type: '2' (expected an integer)",
+        ),
+        (
+            {**GOOD, "searchers": [{"name": "ape", "options": {"proposal_model": 3}}]},
+            "option 'proposal_model' has the wrong type: 3 (expected a string or null)",
+        ),
+        (
+            {**GOOD, "searchers": [{"name": "given", "options": {"instructions": "one"}}]},
+            "option 'instructions' has the wrong type: 'one' (expected a list of strings)",
         ),
         ({**GOOD, "searchers": ["none", "none"]}, "'searchers[1]' repeats label 'none'"),
         ({**GOOD, "tasks": ["no/such/task"]}, "'tasks[0]': no/such/task: no such file"),

@@ -63,6 +63,24 @@ def test_optimize_help_lists_the_run_and_searcher_options(capsys):
     assert "options of --searcher ape" in text and "options of --searcher demos" in text
 
 
+def test_help_after_a_searcher_shows_its_options_with_its_defaults(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["optimize", "d.jsonl", "--searcher", "tpe", "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert "options of --searcher tpe" in text and "options of --searcher ape" not in text
+    assert "--n-startup-trials" in text and "--resample-rounds" not in text
+    shared = " ".join(text.split("--num-subsamples N")[-1].split("--num-demos")[0].split())
+    assert shared.endswith("(default: 3)")  # tpe's own default, not ape's 5
+
+
+def test_an_optional_searcher_option_takes_none():
+    args = build_parser().parse_args(["optimize", "d.jsonl", "--proposal-model", "none"])
+    assert _searcher_arguments(args) == {"proposal_model": None}
+    args = build_parser().parse_args(["optimize", "d.jsonl", "--proposal-model", "gpt2"])
+    assert _searcher_arguments(args) == {"proposal_model": "gpt2"}
+
+
 def test_show_help(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["show", "--help"])
