@@ -9,8 +9,10 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+from ape.capabilities import task_options
 from ape.lm import LanguageModel
 from ape.models import DEFAULT_MODEL, load_model
+from ape.prefix import score_prompts
 from ape.prompt import Prompt
 from ape.task import Task, load_task
 
@@ -26,14 +28,12 @@ def resolve_model(model: LanguageModel | str | os.PathLike = DEFAULT_MODEL) -> L
 
 
 def evaluator_options(name: str, task: Task, **options: Any) -> dict[str, Any]:
-    """`options` with the task's metric and labels filled in where evaluator `name` takes them."""
-    if name == "generation":
-        options.setdefault("metric", task.metric)
-    if name == "choice":
-        options.setdefault("labels", task.labels or task.distinct_outputs())
-        if task.verbalizers:
-            options.setdefault("verbalizers", dict(task.verbalizers))
-    return options
+    """`options` with what evaluator `name` takes from the task (its `options_from_task`: a
+    metric, the labels) filled in where not given."""
+    from ape.evaluators.base import EVALUATORS  # the face reaches evaluators only by name
+
+    taken = task_options(EVALUATORS.load(name), task)
+    return {**options, **{k: v for k, v in taken.items() if k not in options}}
 
 
 def make_evaluator(name: str, task: Task, **options: Any):
@@ -56,12 +56,10 @@ def evaluate(
 
     An item may also be a `Prompt`, e.g. a loaded soft prompt's `SoftPrompt.prompt()`.
     """
-    from ape.soft_prompt import score_prompts
-
     task = resolve_task(task, seed=seed)
     examples = task.split(split)
     scorer = make_evaluator(evaluator, task, **evaluator_options)
     lm = resolve_model(model)
-    prompts = [p if isinstance(p, Prompt) else Prompt(p) for p in instructions]
+    prompts = [p if isinstance(p, Prompt) else Prompt.from_text(p) for p in instructions]
     scores = score_prompts(scorer, lm, prompts, examples)
     return [float(row.mean()) for row in scores]

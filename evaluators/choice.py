@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import numpy as np
 
+from ape.capabilities import LABEL_LOGPROBS, TRAINING_LOSS, Loss
 from ape.lm import LanguageModel
 from ape.prompt import Prompt
-from ape.task import Example
+from ape.task import Example, Task
 
 
 @dataclass
@@ -25,6 +27,15 @@ class ChoiceEvaluator:
     labels: Sequence[str] | None = None
     verbalizers: Mapping[str, str] | Sequence[str] | None = None
     name = "choice"  # not a field: unannotated
+    offers: ClassVar[frozenset[str]] = frozenset({LABEL_LOGPROBS, TRAINING_LOSS})
+
+    @classmethod
+    def options_from_task(cls, task: Task) -> dict[str, Any]:
+        """The task's labels (else its distinct outputs) and its verbalizers, if any."""
+        options: dict[str, Any] = {"labels": task.labels or task.distinct_outputs()}
+        if task.verbalizers:
+            options["verbalizers"] = dict(task.verbalizers)
+        return options
 
     def resolve_labels(self, examples: Sequence[Example]) -> list[str]:
         """The label order used on the last axis of `label_logprobs`."""
@@ -92,3 +103,25 @@ class ChoiceEvaluator:
         gold = np.array([index[ex.output] for ex in examples])
         predicted = self.label_logprobs(lm, prompts, examples).argmax(axis=-1)  # first on ties
         return (predicted == gold[None, :]).astype(np.float64)
+
+    def training_loss(self, lm, template: Prompt, examples: Sequence[Example]) -> Loss:
+        """Cross-entropy over the label words after vectors placed before `template`'s text (each
+        label's summed log-prob of its word is its logit): the smooth version of the accuracy
+        `score` counts. `examples` fix the label set."""
+        import torch
+
+        labels, words = self.label_words(examples)
+        index = {label: i for i, label in enumerate(labels)}
+
+        def loss(vectors: torch.Tensor, batch: Sequence[Example]) -> torch.Tensor:
+            requests = [
+                (template.context(ex.input), template.continuation(word))
+                for ex in batch
+                for word in words
+            ]
+            sums, _ = lm.loglikelihood_tensor(requests, soft_prefix=vectors)
+            logits = sums.view(len(batch), len(words))
+            gold = torch.tensor([index[ex.output] for ex in batch], device=logits.device)
+            return torch.nn.functional.cross_entropy(logits, gold)
+
+        return loss

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import numpy as np
 from ape.evaluators.metrics import METRICS, score
 
 from ape.lm import LanguageModel
 from ape.prompt import Prompt
-from ape.task import Example
+from ape.task import Example, Task
 
 DEFAULT_METRIC = "em"
 
@@ -22,6 +23,13 @@ class GenerationEvaluator:
     metric: str | None = None
     max_new_tokens: int = 32
     name = "generation"  # not a field: unannotated
+    # Scores are sampled text judged by a metric: no label log-probs, nothing to differentiate.
+    offers: ClassVar[frozenset[str]] = frozenset()
+
+    @classmethod
+    def options_from_task(cls, task: Task) -> dict[str, Any]:
+        """The task's metric."""
+        return {"metric": task.metric}
 
     def __post_init__(self) -> None:
         if self.metric is not None and self.metric not in METRICS:

@@ -229,3 +229,87 @@ def test_get_evaluator_options_and_unknown_name():
     assert str(err.value) == (
         "unknown evaluator 'x'; choose one of: choice, generation, loglik, loglik_sum"
     )
+
+
+# ------------------------------------------------------------------- capabilities
+
+
+def test_each_evaluator_declares_what_it_offers():
+    from ape.capabilities import LABEL_LOGPROBS, LOGLIK_SCORES, TRAINING_LOSS, offered
+
+    assert offered(ChoiceEvaluator) == {LABEL_LOGPROBS, TRAINING_LOSS}
+    assert offered(get_evaluator("loglik")) == {LOGLIK_SCORES, TRAINING_LOSS}
+    assert offered(get_evaluator("loglik_sum")) == {LOGLIK_SCORES, TRAINING_LOSS}
+    assert offered(GenerationEvaluator) == frozenset()
+    assert offered(object()) == frozenset()  # a plugin that declares nothing offers nothing
+
+
+def test_options_come_from_the_task_through_each_evaluator():
+    from ape.evaluation import evaluator_options
+    from ape.task import Task
+
+    task = Task(
+        "t",
+        train=[Example("a", "x")],
+        val=[Example("b", "y")],
+        test=[Example("c", "x")],
+        metric="contains",
+        labels=["x", "y"],
+        verbalizers={"x": "ex"},
+    )
+    assert evaluator_options("generation", task) == {"metric": "contains"}
+    assert evaluator_options("choice", task) == {"labels": ["x", "y"], "verbalizers": {"x": "ex"}}
+    assert evaluator_options("loglik", task) == {}
+    # Given options win over the task's.
+    assert evaluator_options("generation", task, metric="em") == {"metric": "em"}
+    bare = Task("u", train=[Example("a", "x")], val=[Example("b", "y")], test=[Example("c", "x")])
+    assert evaluator_options("choice", bare) == {"labels": bare.distinct_outputs()}
+    with pytest.raises(ValueError, match="unknown evaluator 'x'"):
+        evaluator_options("x", task)
+
+
+def test_a_mismatch_is_reported_in_one_line_with_the_evaluators_that_fit():
+    from ape.capabilities import check, mismatch
+
+    class Needy:
+        name = "needy"
+        needs = frozenset({"label_logprobs"})
+
+    class Easy:
+        name = "easy"
+
+    assert mismatch(Needy, get_evaluator("choice")) is None
+    assert mismatch(Easy, get_evaluator("generation")) is None  # no needs: anything serves
+    with pytest.raises(ValueError) as err:
+        check(Needy, get_evaluator("loglik"))
+    assert str(err.value) == (
+        "searcher 'needy' needs an evaluator with label log-probs; 'loglik' offers a training "
+        "loss and log-likelihood scores (use --evaluator choice)"
+    )
+
+
+def test_training_losses_match_the_scores_they_smooth(tiny_lm):
+    """At the same vectors, the loglik losses (both reductions) are minus the mean per-token
+    log-likelihood the scorer gives, and the choice loss is the cross-entropy of the label words'
+    log-likelihoods."""
+    import torch
+
+    vectors = torch.zeros(2, tiny_lm.model.get_input_embeddings().weight.shape[1])
+    loglik = get_evaluator("loglik").training_loss(tiny_lm, Prompt(""), EXAMPLES)
+    total = get_evaluator("loglik_sum").training_loss(tiny_lm, Prompt(""), EXAMPLES)
+    sums, counts = tiny_lm.loglikelihood(
+        Prompt("").requests(EXAMPLES), return_counts=True, soft_prefix=vectors
+    )
+    expected = -float(np.mean(np.asarray(sums) / np.asarray(counts)))
+    assert loglik(vectors, EXAMPLES).item() == pytest.approx(expected, abs=1e-4)
+    assert total(vectors, EXAMPLES).item() == pytest.approx(expected, abs=1e-4)  # per token too
+    choice = ChoiceEvaluator(verbalizers={"cold": "c", "down": "d", "sad": "s"})
+    loss = choice.training_loss(tiny_lm, Prompt(""), EXAMPLES)
+    logits = tiny_lm.loglikelihood(
+        [(Prompt("").context(e.input), f" {w}") for e in EXAMPLES for w in "cds"],
+        soft_prefix=vectors,
+    ).reshape(3, 3)
+    logits = torch.as_tensor(logits)
+    gold = torch.tensor([0, 1, 2])
+    expected = float(torch.nn.functional.cross_entropy(logits, gold))
+    assert loss(vectors, EXAMPLES).item() == pytest.approx(expected, abs=1e-4)

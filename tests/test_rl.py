@@ -181,7 +181,9 @@ def test_trials_cover_every_sampled_prompt(sentiment, tiny_lm):
     RLSearcher(**KNOBS).search(objective)
     curve = objective.extras["training_curve"]
     sampled = {text for point in curve for text in point["prompts"]}
-    train_trials = {t["prompt"]["instruction"] for t in _trials(objective) if t["split"] == "train"}
+    train_trials = {
+        t["prompt"]["instruction"] for t in _trials(objective) if t.get("split") == "train"
+    }
     assert sampled == train_trials
     assert objective.budget.pairs <= 3 * 4 * 4 + (2 + 1) * len(objective.val_pool)
     assert isinstance(objective.artifacts["policy"], PromptPolicy)
@@ -284,6 +286,21 @@ def test_generation_evaluator_is_refused_with_a_clear_message(task_file, tiny_lm
             progress=False,
             **KNOBS,
         )
+
+
+RL_MISMATCH = (
+    "searcher 'rl' needs an evaluator with label log-probs or log-likelihood scores; "
+    "'generation' offers none (use --evaluator choice, loglik or loglik_sum)"
+)
+
+
+def test_generation_is_refused_in_one_line_before_the_model_loads(task_file, capsys):
+    with pytest.raises(ValueError) as err:
+        ape.optimize(task_file, model="no/such-model", searcher="rl", evaluator="generation")
+    assert str(err.value) == RL_MISMATCH
+    argv = ["optimize", str(task_file), "--model", "no/such-model", "--searcher", "rl"]
+    assert main([*argv, "--evaluator", "generation", "--storage", "memory"]) == 2
+    assert capsys.readouterr().err.strip() == f"ape: error: {RL_MISMATCH}"
 
 
 def test_bad_options_are_refused():

@@ -9,14 +9,13 @@ import numpy as np
 import pytest
 import torch
 from ape.search.soft.init import FREQUENT_TOKENS, initial_vectors
-from ape.search.soft.loss import make_loss
+from ape.search.soft.prompt import SoftPrompt, nearest_tokens
 
 import ape
 from ape.lm import HFLanguageModel
 from ape.prompt import Prompt
 from ape.reference import reference_loglikelihood
 from ape.result import Result
-from ape.soft_prompt import SoftPrompt, nearest_tokens
 from ape.task import Example, Task
 
 TOL = 1e-4
@@ -94,7 +93,7 @@ def test_gradients_reach_the_soft_prefix(tiny_lm):
 def test_training_steps_lower_the_choice_loss(tiny_lm):
     task = _sentiment_task()
     evaluator = ape.evaluation.make_evaluator("choice", task)
-    loss = make_loss(evaluator, tiny_lm, Prompt(""), task.train)
+    loss = evaluator.training_loss(tiny_lm, Prompt(""), task.train)
     vectors = torch.nn.Parameter(soft_vectors(tiny_lm, n=4))
     optimizer = torch.optim.AdamW([vectors], lr=0.1, weight_decay=0.0)
     tiny_lm.model.requires_grad_(False)
@@ -387,3 +386,57 @@ def test_cli_optimize_with_the_soft_searcher(tiny_model_dir, tmp_path, capsys, s
     folder = Result.load(out).file("soft_prompt", out)
     assert f"--soft-prompt {folder}" in printed
     assert SoftPrompt.load(folder).n == 3
+
+
+def test_a_prompt_kept_as_text_comes_back_as_an_unloaded_prefix(tiny_lm):
+    from ape.result import Entry
+    from ape.study import prompt_from_json, prompt_to_json
+
+    soft = SoftPrompt(soft_vectors(tiny_lm), "tiny")
+    stored = prompt_from_json(prompt_to_json(soft.prompt()))
+    assert stored == soft.prompt() and stored.key() == soft.prompt().key()
+    assert stored.prefix == soft.prefix and soft.prefix.loaded and not stored.prefix.loaded
+    assert stored.render("cat") == soft.prompt().render("cat") == "Input: cat\nOutput:"
+    entry = Entry.of(soft.prompt(), val_score=0.5, val_examples=1)
+    assert entry.render("cat") == "Input: cat\nOutput:"  # as `Result.best.render` gives it
+    assert Prompt.from_text("Be brief.").prefix is None
+    assert (
+        Prompt.from_text("Be brief.").render("cat")
+        == "Instruction: Be brief.\n\nInput: cat\nOutput:"
+    )
+    with pytest.raises(ValueError, match="named by its label"):
+        Prompt("Be brief.", prefix=soft.prefix)
+
+
+def test_a_resumed_soft_run_replays_its_checkpoints(tiny_lm, tmp_path, single_thread):
+    storage = f"sqlite:///{tmp_path / 'soft.db'}"
+
+    def run():
+        return ape.optimize(
+            _sentiment_task(),
+            model=tiny_lm,
+            searcher="soft",
+            evaluator="choice",
+            storage=storage,
+            progress=False,
+            init="random",
+            n_tokens=2,
+            steps=2,
+            eval_every=1,
+        )
+
+    first, again = run(), run()
+    assert first.budget_detail["pairs_computed"] > 0
+    assert again.budget_detail["pairs_computed"] == 0  # the same vectors: their scores replayed
+    assert [(e.instruction, e.val_score) for e in again.leaderboard] == [
+        (e.instruction, e.val_score) for e in first.leaderboard
+    ]
+
+
+def test_soft_with_the_generation_evaluator_is_refused_before_the_model_loads(task_file):
+    with pytest.raises(ValueError) as err:
+        ape.optimize(task_file, model="no/such-model", searcher="soft", evaluator="generation")
+    assert str(err.value) == (
+        "searcher 'soft' needs an evaluator with a training loss; 'generation' offers none "
+        "(use --evaluator choice, loglik or loglik_sum)"
+    )

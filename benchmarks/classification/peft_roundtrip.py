@@ -8,11 +8,11 @@ import copy
 import numpy as np
 import peft
 import torch
+from ape.search.soft.prompt import SoftPrompt
 
 import ape
 from ape.prompt import Prompt
 from ape.result import Result
-from ape.soft_prompt import SoftPrompt
 
 path = "benchmarks/results/classification/runs/sst-2-soft-seed13.json"
 soft = SoftPrompt.load(Result.load(path).file("soft_prompt", path))

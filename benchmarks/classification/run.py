@@ -27,10 +27,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from ape.search.soft.prompt import SoftPrompt
 
 import ape
 from ape.device import describe_machine, machine_line
-from ape.soft_prompt import SoftPrompt
 from ape.task import read_examples
 
 REPO = Path(__file__).resolve().parents[2]

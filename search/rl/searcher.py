@@ -1,15 +1,18 @@
 """RL prompts (after RLPrompt, Deng et al. 2022): a trained policy writes short discrete prompts.
 
-The policy (search/rl_policy.py) is a frozen LM with a small trainable MLP on its last hidden
+The policy (policy.py) is a frozen LM with a small trainable MLP on its last hidden
 state, read back through the LM head; it writes `prompt_length` tokens with top-k sampling. Each
 step it samples `prompts_per_step` prompts, and the task model scores all of them on a minibatch
 of training examples in one call to the shared batched scorer (through the objective, which
 charges the budget and records every sampled prompt as a trial):
 
 - classification (`choice` evaluator): the reward is the label-word margin, p(gold) minus the
-  largest p(other label), scaled (search/rl_reward.py);
+  largest p(other label), scaled (reward.py);
 - other tasks (`loglik`, `loglik_sum`): the log-likelihood of the reference output, per token
   for `loglik`.
+
+Which of the two is the evaluator's declared capability (``label_logprobs`` or
+``loglik_scores``, ape/capabilities.py); any other evaluator is refused before the model loads.
 
 Rewards are averaged over the minibatch and z-scored across the step's prompts. Training is
 REINFORCE with the step mean as baseline (that is what the z-scoring subtracts) plus an entropy
@@ -49,7 +52,7 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -57,17 +60,17 @@ from ape.search.base import non_negative, option, positive
 from ape.search.rl.policy import PromptPolicy, Rollout
 from ape.search.rl.reward import label_margin, zscore
 
+from ape.capabilities import LABEL_LOGPROBS, LOGLIK_SCORES, check, offers
 from ape.lm import LanguageModel
 from ape.objective import Objective
 from ape.prompt import Prompt
-
-# Evaluators whose scores are a usable reward on their own (for tasks other than classification).
-_LOGLIK = ("loglik", "loglik_sum")
 
 
 @dataclass(frozen=True)
 class RLSearcher:
     name: ClassVar[str] = "rl"
+    # The reward: the label-word margin, or else the reference's log-likelihood.
+    needs: ClassVar[frozenset[str]] = frozenset({LABEL_LOGPROBS, LOGLIK_SCORES})
 
     steps: int = option(72, "training steps (with a budget: at most this many, fewer if it binds)")
     prompts_per_step: int = option(8, "prompts sampled per step, scored together")
@@ -105,13 +108,8 @@ class RLSearcher:
 
     # ----------------------------------------------------------------------------- the search
     def search(self, objective: Objective) -> None:
-        choice = hasattr(objective.evaluator, "label_logprobs")
-        if not choice and getattr(objective.evaluator, "name", "") not in _LOGLIK:
-            raise ValueError(
-                "searcher 'rl' learns from label-word probabilities (--evaluator choice) or the "
-                "reference's log-likelihood (--evaluator loglik or loglik_sum), not from "
-                f"{getattr(objective.evaluator, 'name', objective.evaluator)!r}"
-            )
+        check(self, objective.evaluator)
+        choice = offers(objective.evaluator, LABEL_LOGPROBS)
         train = list(objective.task.train)
         if not train:
             raise ValueError(
@@ -125,7 +123,7 @@ class RLSearcher:
             seed=objective.seed,
         )
         objective.artifacts["policy"] = policy
-        curve: list[dict[str, float]] = []
+        curve: list[dict[str, Any]] = []
         objective.extras["training_curve"] = curve
         optimizer = torch.optim.Adam(policy.mlp.parameters(), lr=self.learning_rate)
         generator = torch.Generator().manual_seed(objective.seed)
@@ -138,16 +136,7 @@ class RLSearcher:
         for step in range(self._steps(objective, len(train))):
             rollout = policy.sample(self.prompts_per_step, self.prompt_length, generator)
             texts = policy.texts(rollout.tokens)
-            examples = next(batches)
-            detail = objective.evaluate_train([Prompt(t) for t in texts], examples, origin="rl")
-            if choice:
-                index = np.array([gold[e.key()] for e in examples])
-                per_example = label_margin(
-                    detail, index, self.reward_correct, self.reward_incorrect
-                )
-                accuracy = float((detail.argmax(-1) == index).mean())
-            else:
-                per_example, accuracy = detail[..., 0], float("nan")
+            per_example, accuracy = self._rewards(objective, texts, next(batches), gold)
             rewards = per_example.mean(-1)
             for text, row in zip(texts, per_example, strict=True):
                 seen[text][0] += float(row.sum())
@@ -172,6 +161,18 @@ class RLSearcher:
         best = sorted(seen, key=lambda t: -seen[t][0] / seen[t][1])[: self.finalists]
         finalists = list(dict.fromkeys(best + greedy))
         objective.evaluate([Prompt(t) for t in finalists], objective.val_pool, origin="rl")
+
+    def _rewards(
+        self, objective: Objective, texts: list[str], examples: list, gold: dict[str, int] | None
+    ) -> tuple[np.ndarray, float]:
+        """Per (prompt, example) rewards on a training minibatch, and the accuracy (NaN
+        without labels): the label margin from label log-probs, else the scores themselves."""
+        detail = objective.evaluate_train([Prompt(t) for t in texts], examples, origin="rl")
+        if gold is None:
+            return detail[..., 0], float("nan")
+        index = np.array([gold[e.key()] for e in examples])
+        margin = label_margin(detail, index, self.reward_correct, self.reward_incorrect)
+        return margin, float((detail.argmax(-1) == index).mean())
 
     # ----------------------------------------------------------------------------- helpers
     def _update(

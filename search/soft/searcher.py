@@ -2,9 +2,11 @@
 (prompt tuning, Lester et al. 2021), or kept on tokens (PEZ, Wen et al. 2023).
 
 1. The vectors start from a text's embeddings, from frequent tokens, or from noise
-   (search/soft_init.py).
-2. AdamW trains them on the training split with the loss of search/soft_loss.py, taken through
-   `HFLanguageModel.loglikelihood_tensor`: the scorer's own prefix-reusing path, gradients on.
+   (init.py).
+2. AdamW trains them on the training split with the evaluator's training loss (capability
+   ``training_loss``: cross-entropy over the label words for `choice`, the reference's NLL per
+   token for `loglik`), taken through `HFLanguageModel.loglikelihood_tensor`: the scorer's own
+   prefix-reusing path, gradients on.
    Each training example costs one budget unit (`Objective.charge`).
 3. Every `eval_every` steps (and at step 0) the vectors are a checkpoint: a `SoftPrompt` scored on
    the validation pool through `Objective.evaluate`, so it is a trial like any text candidate and
@@ -30,11 +32,11 @@ import numpy as np
 import torch
 from ape.search.base import non_negative, option, positive
 from ape.search.soft.init import INITS, embedding_table, initial_vectors
-from ape.search.soft.loss import make_loss
+from ape.search.soft.prompt import SoftPrompt, nearest_tokens
 
+from ape.capabilities import LABEL_LOGPROBS, TRAINING_LOSS, check, offers
 from ape.objective import Objective
 from ape.prompt import Prompt
-from ape.soft_prompt import SoftPrompt, nearest_tokens
 
 MODES = ("continuous", "pez")
 DEFAULT_INIT_TEXT = "Read the input and give the right output."
@@ -43,6 +45,8 @@ DEFAULT_INIT_TEXT = "Read the input and give the right output."
 @dataclass(frozen=True)
 class SoftPromptSearcher:
     name: ClassVar[str] = "soft"
+    # Trains through the evaluator's loss; its checkpoints are scored after their vectors.
+    needs: ClassVar[frozenset[str]] = frozenset({TRAINING_LOSS})
 
     n_tokens: int = option(16, "virtual tokens: trained vectors placed before the input")
     init: str = option(
@@ -86,10 +90,11 @@ class SoftPromptSearcher:
 
     def search(self, objective: Objective) -> None:
         lm = objective.lm
+        check(self, objective.evaluator)
         _check_setup(objective)
         task = objective.task
         template = Prompt("")  # the text after the vectors: the no-instruction template
-        loss_fn = make_loss(objective.evaluator, lm, template, task.train + objective.val_pool)
+        loss_fn = objective.evaluator.training_loss(lm, template, task.train + objective.val_pool)
         generator = torch.Generator().manual_seed(objective.seed)
         text = self.init_text or _default_text(objective)
         start, start_ids = initial_vectors(lm, self.init, self.n_tokens, text, generator)
@@ -196,7 +201,7 @@ def _default_text(objective: Objective) -> str:
     if objective.task.human_instructions:
         return objective.task.human_instructions[0]
     evaluator = objective.evaluator
-    if hasattr(evaluator, "label_words"):
+    if offers(evaluator, LABEL_LOGPROBS):
         _, words = evaluator.label_words(objective.task.train + objective.val_pool)
         listed = ", ".join(words[:-1]) + f" or {words[-1]}" if len(words) > 1 else words[0]
         return f"Answer with one word: {listed}."
@@ -208,11 +213,6 @@ def _check_setup(objective: Objective) -> None:
         raise ValueError("searcher 'soft' trains through a Hugging Face model (HFLanguageModel)")
     if objective.workers is not None:
         raise ValueError("searcher 'soft' scores its vectors in this process; run without workers")
-    if getattr(objective.evaluator, "name", "") == "generation":
-        raise ValueError(
-            "searcher 'soft' scores checkpoints by log-likelihood; use --evaluator loglik, "
-            "loglik_sum or choice"
-        )
     if not objective.task.train:
         raise ValueError(f"task {objective.task.name!r} has no training examples to train on")
 

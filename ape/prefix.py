@@ -1,0 +1,81 @@
+"""Scoring prompts that carry a vector prefix: each goes to the model after its vectors.
+
+`PrefixedModel` hands the vectors to `HFLanguageModel.loglikelihood(soft_prefix=...)`, so they
+take the exact, prefix-reusing path of text prompts. `score_prompts` is `evaluator.score` for a
+mix of plain and prefixed prompts: the plain ones in one call, each prefix in a call of its own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from ape.prompt import Prompt, VectorPrefix
+from ape.task import Example
+
+
+def check_width(prefix: VectorPrefix, lm: Any) -> None:
+    """Refuse vectors made for another model (the width must match; the name should)."""
+    width = lm.model.get_input_embeddings().weight.shape[1]
+    if prefix.vectors is not None and prefix.vectors.shape[1] != width:
+        raise ValueError(
+            f"the soft prompt has {prefix.vectors.shape[1]}-dim vectors (model "
+            f"{prefix.model!r}); model {lm.name!r} takes {width}"
+        )
+
+
+class PrefixedModel:
+    """A view of `lm` whose every request starts with `prefix`'s vectors."""
+
+    def __init__(self, lm: Any, prefix: VectorPrefix):
+        check_width(prefix, lm)
+        self.lm = lm
+        self.prefix = prefix
+        self.name = lm.name
+        self.tokenizer = getattr(lm, "tokenizer", None)
+
+    def loglikelihood(self, requests, *, return_counts: bool = False):
+        return self.lm.loglikelihood(
+            requests, return_counts=return_counts, soft_prefix=self.prefix.vectors
+        )
+
+    def generate(self, prompts, **kwargs):
+        raise ValueError(
+            "generation after a soft prompt is not supported; score it with the loglik or "
+            "choice evaluator"
+        )
+
+
+def model_for(lm: Any, prompt: Prompt) -> Any:
+    """The model that scores `prompt`: `lm` itself, or a view with its prefix in front."""
+    if prompt.prefix is None:
+        return lm
+    if not prompt.prefix.loaded:
+        raise ValueError(
+            f"prompt {prompt.instruction!r} names a soft prompt whose vectors are not loaded; "
+            "load them with ape.search.soft.SoftPrompt.load(result.file('soft_prompt', path))"
+        )
+    return PrefixedModel(lm, prompt.prefix)
+
+
+def score_prompts(
+    evaluator: Any, lm: Any, prompts: Sequence[Prompt], examples: Sequence[Example]
+) -> np.ndarray:
+    """`evaluator.score(lm, prompts, examples)`, each prefixed prompt scored after its vectors.
+
+    Plain prompts go to the model in one call as before; each prefix in its own call.
+    """
+    for prompt in prompts:
+        model_for(lm, prompt)  # a label without its vectors fails before any scoring
+    groups: dict[str, list[int]] = {}
+    for i, prompt in enumerate(prompts):
+        groups.setdefault(prompt.prefix.label if prompt.prefix else "", []).append(i)
+    if set(groups) <= {""}:
+        return evaluator.score(lm, prompts, examples)
+    grid = np.zeros((len(prompts), len(examples)))
+    for members in groups.values():
+        chosen = [prompts[i] for i in members]
+        grid[members] = evaluator.score(model_for(lm, chosen[0]), chosen, examples)
+    return grid
