@@ -357,3 +357,100 @@ def test_sample_test_draws_a_seeded_subset_and_keeps_every_label() -> None:
     assert task.sample_test(50) is task and task.sample_test(99) is task
     with pytest.raises(ValueError, match="test_examples must be positive, got 0"):
         task.sample_test(0)
+
+
+# --- in-memory rows: a list of dicts, a pandas DataFrame, a datasets.Dataset ----------------------
+
+
+def test_a_list_of_dicts_loads_like_the_same_rows_in_a_file(tmp_path: Path) -> None:
+    from_file = load_task(write_jsonl(tmp_path / "rows.jsonl", rows(40)), seed=1)
+    task = load_task(rows(40), seed=1)
+    assert task.name == "data"  # the default name of in-memory data
+    assert (task.train, task.val, task.test) == (from_file.train, from_file.val, from_file.test)
+    assert load_task(rows(40), name="mine").name == "mine"
+
+
+def test_in_memory_splits_and_answers() -> None:
+    data = [*rows(4), {"input": "a", "output": "b", "answers": ("bee",)}]
+    task = load_task(data, test=[{"input": "t", "output": "u"}], val=rows(1))
+    assert task.test == [Example("t", "u")] and task.val == [Example("in0", "out0")]
+    assert Example("a", "b", ("b", "bee")) in task.train
+
+
+def test_in_memory_row_errors() -> None:
+    with pytest.raises(TaskError, match=r"^row 3: missing field 'output'$"):
+        load_task([*rows(2), {"input": "x"}])
+    with pytest.raises(TaskError, match=r"^row 2: field 'input' must be a string, got int$"):
+        load_task([*rows(1), {"input": 7, "output": "b"}])
+    with pytest.raises(TaskError, match=r"^row 1: expected a dict, got list$"):
+        load_task([["a", "b"]])
+    with pytest.raises(TaskError, match=r"^data: no examples \(the data is empty\)$"):
+        load_task([])
+    with pytest.raises(TaskError, match=r"^mine: found 1 example, need at least 3"):
+        load_task(rows(1), name="mine")
+    with pytest.raises(
+        TaskError, match=r"got a mapping \(for a datasets\.DatasetDict pick a split"
+    ):
+        load_task({"train": rows(8)})
+
+
+def test_in_memory_duplicates_warn() -> None:
+    with pytest.warns(UserWarning, match=r"^data: duplicate example at rows 1 and 9"):
+        load_task([*rows(8), rows(1)[0]])
+
+
+def test_a_dataframe_loads_like_the_list_it_was_made_from() -> None:
+    pd = pytest.importorskip("pandas")
+    data = [*rows(7), {"input": "a", "output": "b", "answers": ["bee"]}]
+    task = load_task(pd.DataFrame(data), seed=2)
+    expected = load_task(data, seed=2)
+    assert (task.train, task.val, task.test) == (expected.train, expected.val, expected.test)
+
+
+def test_dataframe_row_errors() -> None:
+    pd = pytest.importorskip("pandas")
+    # The missing value is NaN in the frame: reported like a missing field in a file.
+    with pytest.raises(TaskError, match=r"^row 3: missing field 'output'$"):
+        load_task(pd.DataFrame([*rows(2), {"input": "x"}]))
+    with pytest.raises(TaskError, match=r"^row 2: field 'output' is empty$"):
+        load_task(pd.DataFrame([*rows(1), {"input": "x", "output": " "}]))
+    with pytest.raises(TaskError, match=r"^missing column 'output' \(columns: input, label\)$"):
+        load_task(pd.DataFrame({"input": ["a"], "label": ["b"]}))
+
+
+def test_a_dataset_loads_like_the_list_it_was_made_from() -> None:
+    datasets = pytest.importorskip("datasets")
+    data = [{**row, "answers": [row["output"].upper()]} for row in rows(8)]
+    task = load_task(datasets.Dataset.from_list(data), seed=3)
+    expected = load_task(data, seed=3)
+    assert (task.train, task.val, task.test) == (expected.train, expected.val, expected.test)
+    assert task.train[0].answers[1] == task.train[0].output.upper()
+
+
+def test_dataset_row_errors() -> None:
+    datasets = pytest.importorskip("datasets")
+    with pytest.raises(TaskError, match=r"^row 3: missing field 'output'$"):
+        load_task(datasets.Dataset.from_list([*rows(2), {"input": "x"}]))
+    with pytest.raises(TaskError, match=r"^missing column 'input' \(columns: text, output\)$"):
+        load_task(datasets.Dataset.from_dict({"text": ["a"], "output": ["b"]}))
+
+
+def test_optimize_and_evaluate_resolve_in_memory_rows() -> None:
+    from ape.evaluation import resolve_task
+
+    task = resolve_task(rows(8), seed=1)
+    assert task.name == "data" and all_inputs(task) == all_inputs(load_task(rows(8), seed=1))
+
+
+def test_the_task_modules_never_import_pandas_or_datasets() -> None:
+    # Both stay optional: in-memory tables are recognised by their methods.
+    import ast
+
+    modules = sorted(Path(__file__).resolve().parents[1].glob("ape/task*.py"))
+    assert len(modules) >= 6  # task.py and the modules split from it
+    for module in modules:
+        for node in ast.walk(ast.parse(module.read_text(encoding="utf-8"))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom):
+                names = [node.module or ""]
+            assert not [n for n in names if n.split(".")[0] in ("pandas", "datasets")], module
