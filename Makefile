@@ -26,7 +26,7 @@ PIP = $(PY) -m pip
 
 # A venv's pip reads the same pip.conf files (/etc/pip.conf, ~/.config/pip/) as the system's.
 $(VENV)/bin/python:
-	$(PYTHON) -m venv $(VENV) || { echo "make: could not create $(VENV); on Debian: apt-get install python3-venv" >&2; exit 1; }
+	$(PYTHON) -m venv $(VENV) || { rm -rf $(VENV); echo "make: could not create $(VENV); on Debian: apt-get install python3-venv" >&2; exit 1; }
 
 install: $(if $(VENV),$(VENV)/bin/python)
 	# The CPU build of torch first, so nothing below pulls a multi-GB CUDA build.
