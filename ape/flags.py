@@ -19,7 +19,7 @@ class SearcherFlags:
     """The options of some searchers (name -> options, in field order) as flags of one parser."""
 
     def __init__(self, searchers: Mapping[str, Sequence[Option]]) -> None:
-        self.searchers = list(searchers)
+        self.options = {name: list(options) for name, options in searchers.items()}
         self.holders: dict[str, list[tuple[str, Option]]] = {}  # flag -> (searcher, option)
         for name, options in searchers.items():
             for option in options:
@@ -41,19 +41,20 @@ class SearcherFlags:
         With `focus`, only that searcher's flags are shown, with its own defaults; the others
         still parse, so using one names the searcher it belongs to.
         """
+        if focus is not None:
+            group = parser.add_argument_group(f"options of --searcher {focus}")
+            for option in self.options[focus]:
+                option.add_to(group, option.help_with_default())
+            for owners in self.holders.values():
+                if focus not in dict(owners):
+                    owners[0][1].add_to(parser, argparse.SUPPRESS)
+            return
         groups = {
             name: parser.add_argument_group(f"options of --searcher {name}")
-            for name in self.searchers
-            if focus is None or name == focus
+            for name in self.options
         }
         for owners in self.holders.values():
-            mine = dict(owners)
-            if focus in mine:
-                mine[focus].add_to(groups[focus], mine[focus].help_with_default())
-            elif focus is None:
-                owners[0][1].add_to(groups[owners[0][0]], _shared_help(owners))
-            else:
-                owners[0][1].add_to(parser, argparse.SUPPRESS)
+            owners[0][1].add_to(groups[owners[0][0]], _shared_help(owners))
 
     def values(self, args: argparse.Namespace, searcher: str) -> dict[str, Any]:
         """The options given on the command line for `searcher`, by field name."""
