@@ -7,17 +7,23 @@ must leave the numbers unchanged: in float32 the two agree to 1e-4 on every requ
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import random
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from ape.search.rl.policy import PromptPolicy
 
 import ape
-from ape.lm import HFLanguageModel, _group_rows
+import ape.kv_cache as kv_cache
+from ape.lm import HFLanguageModel
+from ape.packing import group_rows, make_rows
 from ape.reference import reference_loglikelihood
+from ape.scoring import PackedScorer
 from ape.task import read_examples
 
 TOL = 1e-4
@@ -108,20 +114,20 @@ def _rows_in(packs) -> int:
 def forward_calls(monkeypatch) -> list[tuple[int, int]]:
     """Record (packs, rows) for every batch of suffixes the fast scorer runs."""
     calls: list[tuple[int, int]] = []
-    original = HFLanguageModel._forward_batch
+    original = PackedScorer.forward_batch
 
     def spy(self, packs, *args, **kwargs):
         calls.append((len(packs), _rows_in(packs)))
         return original(self, packs, *args, **kwargs)
 
-    monkeypatch.setattr(HFLanguageModel, "_forward_batch", spy)
+    monkeypatch.setattr(PackedScorer, "forward_batch", spy)
     return calls
 
 
 def fail_forward_above(monkeypatch, max_rows: int, message: str = OOM_MESSAGE) -> list[int]:
-    """Make `_forward_batch` raise RuntimeError(message) for batches of more than `max_rows`."""
+    """Make `forward_batch` raise RuntimeError(message) for batches of more than `max_rows`."""
     sizes: list[int] = []
-    original = HFLanguageModel._forward_batch
+    original = PackedScorer.forward_batch
 
     def forward(self, packs, *args, **kwargs):
         rows = _rows_in(packs)
@@ -130,13 +136,18 @@ def fail_forward_above(monkeypatch, max_rows: int, message: str = OOM_MESSAGE) -
             raise RuntimeError(message)
         return original(self, packs, *args, **kwargs)
 
-    monkeypatch.setattr(HFLanguageModel, "_forward_batch", forward)
+    monkeypatch.setattr(PackedScorer, "forward_batch", forward)
     return sizes
 
 
 def prefix_lengths(lm: HFLanguageModel, requests) -> list[int]:
     """The shared-prefix length of each group the scorer forms for `requests` (0: none)."""
-    return [g.prefix_len for g in _group_rows(lm._rows(lm.encode_pairs(requests)))]
+    return [g.prefix_len for g in group_rows(rows_of(lm, lm.encode_pairs(requests)))]
+
+
+def rows_of(lm: HFLanguageModel, pairs):
+    """The rows the scorer runs for encoded `pairs`."""
+    return make_rows(pairs, lm.max_length)
 
 
 # ---------------------------------------------------------------- padding, packing, batching
@@ -215,8 +226,8 @@ def test_shared_prefix_ending_exactly_at_the_first_scored_token(lm, pack_tokens,
         (context, " cold"),
         (context + " cold", " indeed"),  # its first scored position lies past the others'
     ]
-    rows = lm._rows(lm.encode_pairs(requests))
-    groups = [g for g in _group_rows(rows) if g.prefix_len]
+    rows = rows_of(lm, lm.encode_pairs(requests))
+    groups = [g for g in group_rows(rows) if g.prefix_len]
     assert groups, "the premise: these rows share a prefix"
     assert any(g.prefix_len == min(r.first_scored for r in g.rows) for g in groups)
     assert_matches_reference(lm, requests)
@@ -313,7 +324,7 @@ def test_one_token_labels_of_one_context_share_a_row(lm):
     requests = [(context, label) for label in labels]
     pairs = lm.encode_pairs(requests)
     assert all(len(continuation) == 1 for _, continuation in pairs)
-    assert len(lm._rows(pairs)) == 1
+    assert len(rows_of(lm, pairs)) == 1
     fast = assert_matches_reference(lm, requests)
     assert len(set(fast.tolist())) == len(labels)
 
@@ -331,7 +342,7 @@ def test_same_tokens_split_at_different_places_share_a_row(lm):
     requests = [("Input: a b", " c"), ("Input: a", " b c"), ("Input:", " a b c")]
     pairs = lm.encode_pairs(requests)
     assert len({tuple(c + k) for c, k in pairs}) == 1
-    assert len(lm._rows(pairs)) == 1
+    assert len(rows_of(lm, pairs)) == 1
     fast = assert_matches_reference(lm, requests)
     assert fast[2] < fast[1] < fast[0]  # more scored tokens, lower log-likelihood
 
@@ -437,6 +448,94 @@ def test_out_of_memory_in_any_forward_pass_backs_off(lm, monkeypatch):
     monkeypatch.setattr(base, "forward", forward)
     fast = lm.loglikelihood(requests)
     np.testing.assert_allclose(fast, expected, rtol=0, atol=TOL)
+
+
+# ---------------------------------------------------------------- the KV cache API
+def _ids(lm: HFLanguageModel, text: str) -> torch.Tensor:
+    return torch.tensor([lm.tokenizer(text, add_special_tokens=False)["input_ids"]])
+
+
+def test_the_cache_goes_by_the_name_the_forward_declares(tiny_lm):
+    base = tiny_lm.model.base_model
+    name = kv_cache.cache_argument(base)
+    assert name in {"cache", "past_key_values"}
+    assert name in inspect.signature(type(base).forward).parameters
+
+
+def test_a_prefix_cache_is_read_not_silently_ignored(tiny_lm):
+    """The continuation after a cached prefix equals the same tokens in one full pass."""
+    base = tiny_lm.model.base_model
+    ids = _ids(tiny_lm, sentence(20, 5))
+    cut = 12
+    with torch.inference_mode():
+        full = base(input_ids=ids).last_hidden_state[:, cut:]
+        _, cache = kv_cache.run(base, input_ids=ids[:, :cut], use_cache=True)
+        assert cache is not None and len(kv_cache.layer_states(cache)) == 2
+        rest, _ = kv_cache.run(base, cache=cache, input_ids=ids[:, cut:])
+        alone = base(input_ids=ids[:, cut:]).last_hidden_state
+    torch.testing.assert_close(rest.last_hidden_state, full, rtol=0, atol=1e-5)
+    assert (alone - full).abs().max() > 1e-2  # the premise: without the prefix, it differs
+
+
+def test_a_cache_built_from_prefix_states_continues_like_the_original(tiny_lm):
+    base = tiny_lm.model.base_model
+    ids = _ids(tiny_lm, sentence(16, 6))
+    with torch.inference_mode():
+        full = base(input_ids=ids.expand(3, -1)).last_hidden_state[:, 10:]
+        _, cache = kv_cache.run(base, input_ids=ids[:, :10], use_cache=True)
+        state = kv_cache.layer_states(cache)
+        expanded = kv_cache.expanded_cache(tiny_lm.model.config, state, 3)
+        rest, _ = kv_cache.run(base, cache=expanded, input_ids=ids[:, 10:].expand(3, -1))
+    torch.testing.assert_close(rest.last_hidden_state, full, rtol=0, atol=1e-5)
+
+
+def test_an_older_forward_gets_the_cache_as_past_key_values():
+    """transformers 4.x: the forward declares `past_key_values` and returns it under that name."""
+
+    class Old(torch.nn.Module):
+        def forward(self, input_ids=None, past_key_values=None, use_cache=None, **kwargs):
+            self.seen = past_key_values
+            return {"last_hidden_state": input_ids, "past_key_values": "returned"}
+
+    old, given = Old(), object()
+    assert kv_cache.cache_argument(old) == "past_key_values"
+    _, returned = kv_cache.run(old, cache=given, input_ids=torch.zeros(1, 1))
+    assert old.seen is given and returned == "returned"
+
+
+def test_layer_states_of_an_indexable_cache():
+    """transformers before the layered cache: `cache[i]` is layer i's (keys, values)."""
+    keys, values = torch.zeros(1, 2, 3, 4), torch.ones(1, 2, 3, 4)
+
+    class Indexable:
+        def __len__(self):
+            return 2
+
+        def __getitem__(self, i):
+            return (keys + i, values + i)
+
+    states = kv_cache.layer_states(Indexable())
+    assert len(states) == 2 and torch.equal(states[1][0], keys + 1)
+
+
+def test_the_rl_policy_reads_its_cache(tiny_lm):
+    """Each state the policy samples from is the full pass's last state over what it wrote."""
+    policy = PromptPolicy(tiny_lm, hidden=8, top_k=16, seed=0)
+    rollout = policy.sample(2, 4, torch.Generator().manual_seed(0))
+    context = _ids(tiny_lm, policy.context).expand(2, -1)
+    base = tiny_lm.model.base_model
+    with torch.inference_mode():
+        for t in range(1, 4):
+            ids = torch.cat([context, rollout.tokens[:, :t]], dim=1)
+            expected = base(input_ids=ids).last_hidden_state[:, -1]
+            torch.testing.assert_close(rollout.states[:, t], expected, rtol=0, atol=1e-5)
+
+
+def test_no_deprecated_cache_argument_is_passed(tiny_lm):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        tiny_lm.loglikelihood(shared_prefix_requests()[:3])
+        PromptPolicy(tiny_lm, hidden=8, top_k=16).sample(1, 2, None, greedy=True)
 
 
 # ---------------------------------------------------------------- the real model; CUDA

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+import ape.kv_cache as kv_cache
 from ape.lm import HFLanguageModel
 
 WEIGHTS = "mlp.safetensors"
@@ -101,8 +102,8 @@ class PromptPolicy(torch.nn.Module):
         model = self.lm.model
         context = self.lm.tokenizer(self.context, add_special_tokens=False).input_ids
         ids = torch.tensor([context or [self.lm.prefix_token_id]] * n, device=self.lm.device)
-        out = model.base_model(input_ids=ids, use_cache=True)
-        cache, state = out.past_key_values, out.last_hidden_state[:, -1]
+        out, cache = kv_cache.run(model.base_model, input_ids=ids, use_cache=True)
+        state = out.last_hidden_state[:, -1]
         tokens, states, allowed = [], [], []
         for _ in range(length):
             logits = self.logits(state)
@@ -116,8 +117,10 @@ class PromptPolicy(torch.nn.Module):
             tokens.append(token)
             states.append(state)
             allowed.append(keep)
-            out = model.base_model(input_ids=token[:, None], cache=cache, use_cache=True)
-            cache, state = out.past_key_values, out.last_hidden_state[:, -1]
+            out, cache = kv_cache.run(
+                model.base_model, cache=cache, input_ids=token[:, None], use_cache=True
+            )
+            state = out.last_hidden_state[:, -1]
         return Rollout(torch.stack(tokens, 1), torch.stack(states, 1), torch.stack(allowed, 1))
 
     def texts(self, tokens: torch.Tensor) -> list[str]:

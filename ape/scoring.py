@@ -1,0 +1,178 @@
+"""Exact, batched, prefix-sharing log-likelihood of token continuations: the scorer's engine.
+
+Given (context, continuation) token ids per request, `PackedScorer.score` returns the summed
+log-prob of each continuation. Rows, groups and packs come from ape/packing.py; every KV-cache
+call goes through ape/kv_cache.py. The steps:
+
+1. The shared prefix of each group runs once, all prefixes packed into as few sequences as
+   possible; its KV is then laid under every pack of the group.
+2. Suffixes run packed side by side; only the scored positions are projected to the vocabulary.
+3. Batches are capped by a token budget that halves on out-of-memory instead of crashing.
+
+A soft prompt's KV is computed once per call and every prefix and suffix attends to it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+import ape.kv_cache as kv_cache
+import ape.packing as packing
+from ape.kv_cache import LayerStates
+from ape.packing import Group, Pack, PackedBatch, Pairs
+
+# Per group, the KV of its shared prefix ([] for a group without one).
+PrefixStates = list[LayerStates]
+
+
+def context_window(model) -> int:
+    """The model's window in tokens (2048 when its config does not say)."""
+    config = model.config.get_text_config()
+    return int(getattr(config, "max_position_embeddings", None) or 2048)
+
+
+class PackedScorer:
+    """Runs packed rows through a causal LM; holds the batch budgets the back-off halves."""
+
+    def __init__(self, model, pad_id: int, max_batch_tokens: int, pack_tokens: int):
+        self.model = model
+        self.pad_id = pad_id
+        self.max_batch_tokens = max_batch_tokens
+        self.pack_tokens = pack_tokens
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def score(self, pairs: Pairs, soft_prefix: torch.Tensor | None = None) -> torch.Tensor:
+        """Summed continuation log-prob per pair, float64, in pair order (differentiable)."""
+        soft = None if soft_prefix is None else self.soft_state(soft_prefix)
+        offset = 0 if soft_prefix is None else int(soft_prefix.shape[0])
+        rows = packing.make_rows(pairs, context_window(self.model), offset)
+        groups = packing.group_rows(rows)
+        prefixes = self.prefix_states(groups, soft)
+        reads: list[tuple[torch.Tensor, torch.Tensor]] = []
+        # Packed after the prefixes ran: an out-of-memory there has already halved the budgets.
+        packs = packing.suffix_packs(groups, self.pack_tokens)
+        for batch in list(packing.batched(packs, self.max_batch_tokens)):
+            self.with_backoff(self.forward_batch, batch, prefixes, reads, offset)
+        sums = torch.zeros(len(pairs), dtype=torch.float64, device=self.device)
+        if reads:
+            owners = torch.cat([owner for owner, _ in reads])
+            values = torch.cat([value for _, value in reads])
+            sums = sums.index_add(0, owners, values)
+        return sums
+
+    def soft_state(self, soft_prefix: torch.Tensor) -> LayerStates:
+        """Per layer, the (keys, values) of the soft prefix, [1, heads, n, dim]: run once."""
+        if soft_prefix.ndim != 2 or soft_prefix.shape[0] == 0:
+            raise ValueError(f"a soft prefix is [n > 0, d_model], got {tuple(soft_prefix.shape)}")
+        embeds = soft_prefix.to(self.device, self.model.dtype)[None]
+        positions = torch.arange(embeds.shape[1], device=self.device)[None]
+        _, cache = kv_cache.run(
+            self.model.base_model, inputs_embeds=embeds, position_ids=positions, use_cache=True
+        )
+        return kv_cache.layer_states(cache)
+
+    def prefix_states(self, groups: list[Group], soft: LayerStates | None = None) -> PrefixStates:
+        """Per group, per layer: the (keys, values) of its shared prefix, [1, heads, prefix, dim].
+
+        All prefixes run together, packed into as few sequences as possible. With a soft prefix's
+        KV `soft`, each prefix runs after it and its state starts with it; a group with no shared
+        text prefix gets the soft KV alone.
+        """
+        states: PrefixStates = [[] for _ in groups]
+        for batch in packing.batched(packing.prefix_packs(groups), self.max_batch_tokens):
+            self.with_backoff(self.prefix_batch, batch, states, soft)
+        if soft is not None:
+            for k, group in enumerate(groups):
+                if not group.prefix_len:
+                    states[k] = soft
+        return states
+
+    def prefix_batch(
+        self, batch: list[Pack], states: PrefixStates, soft: LayerStates | None = None
+    ) -> None:
+        """Run one batch of prefixes; store each one's state (soft prefix's first) in `states`."""
+        offset = soft[0][0].shape[2] if soft else 0
+        packed = packing.pack(batch, offset, self.pad_id, offset=offset)
+        cache = kv_cache.expanded_cache(self.model.config, soft, len(batch)) if soft else None
+        _, cache = self.run(packed, cache, keep_cache=True)
+        layers = kv_cache.layer_states(cache)
+        for b, one in enumerate(batch):
+            # A prefix pack holds one row, so it starts at slot 0 after the soft prefix's
+            # `offset` slots: its state is the soft prefix's slots followed by its own.
+            ((_, end),) = packed.spans[b]
+            keep = slice(0, offset + end)
+            states[one.group] = [(k[b : b + 1, :, keep], v[b : b + 1, :, keep]) for k, v in layers]
+
+    def with_backoff(self, step: Callable[..., None], packs: list[Pack], *args) -> None:
+        """Run `step(packs, *args)`, halving the batch on out-of-memory until one row fails."""
+        try:
+            step(packs, *args)
+        except RuntimeError as err:
+            singles = packing.singles(packs)
+            if not is_out_of_memory(err) or len(singles) == 1:
+                raise
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            self.max_batch_tokens = max(1, self.max_batch_tokens // 2)
+            self.pack_tokens = max(1, self.pack_tokens // 2)
+            half = len(singles) // 2
+            self.with_backoff(step, singles[:half], *args)
+            self.with_backoff(step, singles[half:], *args)
+
+    def forward_batch(
+        self,
+        packs: list[Pack],
+        prefixes: PrefixStates,
+        reads: list[tuple[torch.Tensor, torch.Tensor]],
+        offset: int = 0,
+    ) -> None:
+        """Score one batch; append (request index, log-prob) per read token to `reads`."""
+        width = offset + max(p.prefix_len for p in packs)
+        packed = packing.pack(packs, width, self.pad_id, offset=offset)
+        cache = None
+        if width:
+            cache = kv_cache.padded_cache(
+                self.model.config, [prefixes[p.group] for p in packs], width
+            )
+        out, _ = self.run(packed, cache, keep_cache=False)
+        hidden = out.last_hidden_state  # [packs, width, d_model]
+        device = hidden.device
+        selected = hidden[packed.read_pack.to(device), packed.read_offset.to(device)]
+        logprobs = self.project(selected).log_softmax(-1)  # [n_reads, vocab]
+        targets = packed.read_target.to(device)
+        picked = logprobs[torch.arange(len(targets), device=device), targets]
+        owner = torch.from_numpy(packed.read_owner).to(device)
+        reads.append((owner, picked.double()))
+
+    def run(self, packed: PackedBatch, cache, keep_cache: bool):
+        """One forward pass of the decoder (no vocabulary head) over a packed batch."""
+        device, dtype = self.device, self.model.dtype
+        allowed = packed.allowed.to(device)
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
+        mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+        return kv_cache.run(
+            self.model.base_model,
+            cache=cache,
+            input_ids=packed.ids.to(device),
+            position_ids=packed.positions.to(device),
+            attention_mask=mask[:, None],  # [packs, 1, query, prefix + query]
+            use_cache=keep_cache,  # a given cache is read either way
+        )
+
+    def project(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Hidden states to fp32 vocabulary logits, as the model's own head would."""
+        logits = self.model.get_output_embeddings()(hidden).float()
+        cap = getattr(self.model.config.get_text_config(), "final_logit_softcapping", None)
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+
+def is_out_of_memory(err: RuntimeError) -> bool:
+    text = str(err).lower()
+    return "out of memory" in text or "can't allocate memory" in text
