@@ -6,20 +6,22 @@ import os
 import platform
 import sys
 import time
-from collections.abc import Sequence
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 import numpy as np
 
+from ape.budget import BudgetExhausted, check_counts
+from ape.capabilities import check
 from ape.device import describe_machine
 from ape.evaluation import evaluator_options, make_evaluator, resolve_model, resolve_task
 from ape.lm import LanguageModel
 from ape.models import DEFAULT_MODEL
-from ape.objective import BudgetExhausted, Candidate, Objective
+from ape.objective import Objective
 from ape.prompt import Prompt
+from ape.ranking import Candidate, ranked, standing
 from ape.result import Entry, Result
-from ape.study import SPEC_ATTR, STATE_ATTR, TrialStore, content_hash
+from ape.study import TrialStore, content_hash
 from ape.task import Task
 from ape.worker import LocalWorkers, shared_storage
 
@@ -63,28 +65,58 @@ def optimize(
     from ape.search.base import get_searcher  # the face reaches searchers only by name
 
     started = time.perf_counter()
-    if budget is not None and budget <= 0:
-        raise ValueError(f"budget must be a positive number of units, got {budget}")
-    if test_top <= 0:
-        raise ValueError(f"test_top must be positive, got {test_top}")
+    check_counts(budget=budget, test_top=test_top, val_examples=val_examples)
+    _check_workers(workers, storage)
+    task = resolve_task(task_or_path, seed=seed)
+    task = task if test_examples is None else task.sample_test(test_examples, seed)
+    scorer_options = evaluator_options(evaluator, task)
+    scorer = make_evaluator(evaluator, task, **scorer_options)
+    search = get_searcher(searcher, **options)  # bad names and options fail before the model loads
+    check(search, scorer)  # so does an evaluator that cannot serve the searcher
+    lm = resolve_model(model)
+
+    store = _open_store(task, lm, scorer, storage, study, progress)
+    pool = _start_workers(store, workers, lm, evaluator, scorer_options) if workers else None
+    settings = dict(budget=budget, seed=seed, val_examples=val_examples, progress=progress)
+    objective = Objective(task, lm, scorer, store, workers=pool, **settings)
+    meta = {"budget": budget, "task": task.name, "model": lm.name, "searcher": searcher}
+    meta.update(evaluator=evaluator, options=_jsonable(options), storage=storage)
+    meta.update(study=store.study_name, seed=seed, test_examples=len(task.test))
+    try:
+        return _search(search, objective, meta, started, test_top)
+    finally:
+        objective.close()
+        if pool is not None:
+            store.jobs.close_for_workers()
+            pool.stop()
+
+
+def _check_workers(workers: int, storage: str | None) -> None:
     if workers < 0:
         raise ValueError(f"workers must be 0 or more, got {workers}")
     if workers:
         shared_storage(storage)
-    task = resolve_task(task_or_path, seed=seed)
-    if test_examples is not None:
-        task = task.sample_test(test_examples, seed)
-    scorer_options = evaluator_options(evaluator, task)
-    scorer = make_evaluator(evaluator, task, **scorer_options)
-    search = get_searcher(searcher, **options)  # bad names and options fail before the model loads
-    lm = resolve_model(model)
 
-    fingerprint = {
+
+def _fingerprint(lm: LanguageModel, scorer, task: Task) -> dict[str, str]:
+    """What makes a stored score valid: a study recorded for another fingerprint is refused."""
+    return {
         "model": lm.name,
-        "dtype": str(getattr(getattr(lm, "model", None), "dtype", "")),
+        "dtype": _dtype(lm),
         "evaluator": repr(scorer),
         "task": task.name,
     }
+
+
+def _dtype(lm: LanguageModel) -> str:
+    return str(getattr(getattr(lm, "model", None), "dtype", ""))
+
+
+def _open_store(
+    task: Task, lm: LanguageModel, scorer, storage: str | None, study: str | None, progress: bool
+) -> TrialStore:
+    """The run's study: named by its fingerprint unless `study` names it; says when it resumes."""
+    fingerprint = _fingerprint(lm, scorer, task)
     study_name = study or f"{task.name}-{content_hash(fingerprint, 10)}"
     store = TrialStore(storage, study_name, fingerprint)
     if progress and (store.trials_loaded or store.generations_loaded):
@@ -93,50 +125,25 @@ def optimize(
             f"and {store.generations_loaded} generations stored",
             file=sys.stderr,
         )
-    pool = None
-    if workers:
-        store.study.set_user_attr(
-            SPEC_ATTR,
-            {
-                "model": lm.name,
-                "dtype": fingerprint["dtype"].removeprefix("torch.") or None,
-                "evaluator": evaluator,
-                "evaluator_options": scorer_options,
-            },
-        )
-        store.study.set_user_attr(STATE_ATTR, "running")
-        pool = LocalWorkers(workers, storage, study_name, device=str(lm.device))
-    objective = Objective(
-        task,
-        lm,
-        scorer,
-        store,
-        budget=budget,
-        seed=seed,
-        val_examples=val_examples,
-        progress=progress,
-        workers=pool,
-    )
-    meta = {
-        "budget": budget,
-        "task": task.name,
+    return store
+
+
+def _start_workers(
+    store: TrialStore, count: int, lm: LanguageModel, evaluator: str, options: dict[str, Any]
+) -> LocalWorkers:
+    """Publish what a worker needs in the study, then start `count` local workers on it."""
+    spec = {
         "model": lm.name,
-        "searcher": searcher,
+        "dtype": _dtype(lm).removeprefix("torch.") or None,
         "evaluator": evaluator,
-        "options": {k: list(v) if isinstance(v, tuple) else v for k, v in options.items()},
-        "storage": storage,
-        "study": study_name,
-        "seed": seed,
-        "test_examples": len(task.test),
+        "evaluator_options": options,
     }
-    try:
-        result = _search(search, objective, meta, started, test_top)
-    finally:
-        objective.close()
-        if pool is not None:
-            store.study.set_user_attr(STATE_ATTR, "finished")
-            pool.stop()
-    return result
+    store.jobs.open_for_workers(spec)
+    return LocalWorkers(count, store.storage_url, store.study_name, device=str(lm.device))
+
+
+def _jsonable(options: dict[str, Any]) -> dict[str, Any]:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in options.items()}
 
 
 def _search(search, objective: Objective, meta: dict[str, Any], started: float, test_top: int):
@@ -154,27 +161,6 @@ def _search(search, objective: Objective, meta: dict[str, Any], started: float, 
     result = _result(objective, meta, started, tested=test_top)
     result.stopped_by_budget = stopped_by_budget
     return result
-
-
-def standing(candidate: Candidate, pool: Sequence[str] | None = None) -> tuple[int, float]:
-    """(validation examples, mean score) a candidate is ranked by.
-
-    A candidate scored on the whole validation `pool` (example keys) is judged on exactly that
-    pool, so all such candidates are compared on the same examples; any other candidate on all
-    it has seen.
-    """
-    if pool and all(k in candidate.val for k in pool):
-        return len(pool), float(np.mean([candidate.val[k] for k in pool]))
-    return len(candidate.val), candidate.val_score
-
-
-def ranked(candidates: list[Candidate], pool: Sequence[str] | None = None) -> list[Candidate]:
-    """Candidates best first: those scored on the most validation examples lead, by mean score.
-
-    A mean over fewer examples is noisier, so it never outranks a fully evaluated candidate.
-    """
-    scored = [c for c in candidates if c.val]
-    return sorted(scored, key=lambda c: tuple(-x for x in standing(c, pool)))
 
 
 def _result(objective: Objective, meta: dict[str, Any], started: float, tested: int) -> Result:

@@ -1,106 +1,48 @@
 """Trial history on an Optuna study: the cache that makes every run resumable.
 
-Each scored candidate is a completed trial whose user attributes hold the prompt, the examples it
-was scored on (by content key), their scores and the budget spent so far. Generated text (proposal
-and resampling outputs) is kept as study user attributes keyed by a hash of the request. A run that
-reopens the study replays both from storage, so a run killed at any moment (even SIGKILL: each
-trial is its own committed write) resumes without recomputing anything it had stored.
+Two kinds of trial, so that the study reads right in optuna-dashboard:
 
-Storage is Optuna's: ``None`` or ``"memory"`` keeps nothing after the process, an RDB URL such as
-``sqlite:///run.db`` or ``postgresql://...`` persists, and a path ending in ``.log`` is a journal
-file.
+- a scoring trial (state PRUNED, see `ape.jobs.SCORED`) holds one prompt's scores on some examples
+  (by content key) and their mean as value. It is a minibatch or a chunk of evidence, so it is
+  kept out of Optuna's best trial;
+- a pool trial (state COMPLETE, user attribute ``kind = "pool"``) records a candidate's mean on the
+  whole validation pool the first time it has one. The study's best trial is therefore the
+  leaderboard's winner, with its full-pool score.
+
+Generated text lives beside the study, in a study of its own that this one names (see
+ape/generation_cache.py), not in this study's attributes. A run that reopens the study replays
+scores and text from storage, so a run killed at any moment (even SIGKILL: each trial is its own
+committed write) resumes without recomputing anything it had stored.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import time
-import warnings
-from collections.abc import Sequence
-from pathlib import Path
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import optuna
 from optuna.trial import TrialState
 
+from ape.generation_cache import GenerationCache
+from ape.jobs import SCORED, SPEC_ATTR, STATE_ATTR, JobQueue
 from ape.prompt import Prompt
+from ape.storage import content_hash, open_storage
 from ape.task import Example
 
+__all__ = [
+    "SPEC_ATTR",
+    "STATE_ATTR",
+    "TrialStore",
+    "content_hash",
+    "open_storage",
+    "prompt_from_json",
+    "prompt_key_of",
+    "prompt_to_json",
+]
+
 FINGERPRINT_ATTR = "ape_fingerprint"
-SPEC_ATTR = "ape_worker_spec"  # what a worker needs to score jobs: model, dtype, evaluator
-STATE_ATTR = "ape_state"  # "running" while a coordinator dispatches jobs, then "finished"
-HEARTBEAT_SECONDS = 2
-GRACE_SECONDS = 10
-_GENERATION_PREFIX = "generation:"
-
-optuna.logging.set_verbosity(optuna.logging.WARNING)
-
-
-def content_hash(value: Any, length: int = 16) -> str:
-    """A short stable hash of a JSON-serialisable value."""
-    text = json.dumps(value, sort_keys=True, ensure_ascii=False)
-    return hashlib.sha1(text.encode("utf-8")).hexdigest()[:length]
-
-
-def open_storage(storage: str | None) -> optuna.storages.BaseStorage:
-    """An Optuna storage from a URL, a journal file path (``*.log``), or None/"memory"."""
-    if storage is None or storage == "memory":
-        return optuna.storages.InMemoryStorage()
-    if storage.endswith(".log") and "://" not in storage:
-        Path(storage).parent.mkdir(parents=True, exist_ok=True)
-        backend = optuna.storages.journal.JournalFileBackend(storage)
-        return optuna.storages.JournalStorage(backend)
-    sqlite = storage.startswith("sqlite:///")
-    if sqlite:
-        # SQLite will not create the folder the database file lives in.
-        Path(storage.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    try:
-        with warnings.catch_warnings():  # heartbeats and their retry callback are "experimental"
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            rdb = optuna.storages.RDBStorage(
-                storage,
-                engine_kwargs={"connect_args": {"timeout": 60}} if sqlite else None,
-                # Workers beat while they hold a job; a job whose worker stopped beating for
-                # GRACE_SECONDS is failed and re-queued (see ape/worker.py).
-                heartbeat_interval=HEARTBEAT_SECONDS,
-                grace_period=GRACE_SECONDS,
-                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
-                    max_retry=None
-                ),
-            )
-    except Exception as err:  # SQLAlchemy raises many types for a bad URL or driver
-        raise ValueError(f"cannot open storage {storage!r}: {err}") from err
-    if sqlite:
-        _serialize_sqlite(rdb.engine)
-    return rdb
-
-
-def requeue_stale_jobs(study: optuna.Study) -> None:
-    """Fail jobs whose worker stopped beating; the storage's callback queues them again."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        optuna.storages.fail_stale_trials(study)
-
-
-def _serialize_sqlite(engine) -> None:
-    """Make every SQLite transaction take the write lock up front (BEGIN IMMEDIATE).
-
-    Python's sqlite3 driver otherwise opens a transaction only at the first write, after the
-    read, so two workers could both read a job as waiting and both claim it. PostgreSQL and MySQL
-    lock the row (SELECT ... FOR UPDATE) and need nothing.
-    """
-    import sqlalchemy
-
-    @sqlalchemy.event.listens_for(engine, "connect")
-    def _no_implicit_transactions(connection, _record) -> None:
-        connection.isolation_level = None
-
-    @sqlalchemy.event.listens_for(engine, "begin")
-    def _begin_immediate(connection) -> None:
-        connection.exec_driver_sql("BEGIN IMMEDIATE")
-
-    engine.dispose()  # pooled connections were opened before the hooks
+POOL_KIND = "pool"  # the `kind` user attribute of a trial holding a candidate's whole-pool mean
 
 
 class TrialStore:
@@ -113,8 +55,9 @@ class TrialStore:
     def __init__(self, storage: str | None, study_name: str, fingerprint: dict[str, Any]):
         self.storage_url = storage
         self.study_name = study_name
+        self.storage = open_storage(storage)
         self.study = optuna.create_study(
-            storage=open_storage(storage),
+            storage=self.storage,
             study_name=study_name,
             direction="maximize",
             load_if_exists=True,
@@ -127,37 +70,45 @@ class TrialStore:
                 f"study {study_name!r} in {storage} was recorded for {_describe(stored)}, not "
                 f"{_describe(fingerprint)}; pass another study name (--study)"
             )
+        self.jobs = JobQueue(self.study, self.storage)
+        self.generations = GenerationCache(self.study, self.storage)
         self.scores: dict[tuple[str, str], float] = {}
         # pair -> what a searcher learned from beside the score (label log-probs), where recorded
         self.details: dict[tuple[str, str], list[float]] = {}
-        self.trials_loaded = 0
         self.pending: dict[tuple[str, str], str] = {}  # pair -> job id of a queued job
+        self.pooled: set[str] = set()  # prompt keys whose whole-pool mean has a trial
         self._collected: set[str] = set()
+        self.trials_loaded = self._replay()
+
+    @property
+    def generations_loaded(self) -> int:
+        return self.generations.loaded
+
+    def _replay(self) -> int:
+        """Take every stored trial into the caches; returns how many held scores."""
+        loaded = 0
         for trial in self.study.get_trials(deepcopy=False):
-            if trial.state == TrialState.COMPLETE:
-                self.trials_loaded += self._absorb(trial)
-            elif trial.state in (TrialState.WAITING, TrialState.RUNNING):
-                self._note_pending(trial)
-        self.generations_loaded = sum(
-            1 for key in self.study.user_attrs if key.startswith(_GENERATION_PREFIX)
-        )
+            attrs = trial.user_attrs
+            if "prompt" not in attrs:
+                continue  # a trial some other tool put in this study
+            if attrs.get("kind") == POOL_KIND:
+                self.pooled.add(prompt_key_of(attrs["prompt"]))
+            elif trial.state in (SCORED, TrialState.COMPLETE):
+                loaded += self._absorb(trial)
+            elif trial.state in (TrialState.WAITING, TrialState.RUNNING) and "job_id" in attrs:
+                for example in attrs["examples"]:
+                    self.pending[(prompt_key_of(attrs["prompt"]), example)] = attrs["job_id"]
+        return loaded
 
     def _absorb(self, trial: optuna.trial.FrozenTrial) -> int:
-        """Take a completed trial's scores into the cache; 1 if it was one of ours."""
+        """Take a scoring trial's scores into the cache; 1 if it was one of ours."""
         attrs = trial.user_attrs
         if "prompt" not in attrs or "scores" not in attrs:
-            return 0  # a trial some other tool put in this study
+            return 0
         self._remember(prompt_key_of(attrs["prompt"]), attrs)
         if "job_id" in attrs:
             self._collected.add(attrs["job_id"])
         return 1
-
-    def _note_pending(self, trial: optuna.trial.FrozenTrial) -> None:
-        attrs = trial.user_attrs
-        if "job_id" in attrs and "prompt" in attrs:
-            prompt_key = prompt_key_of(attrs["prompt"])
-            for example in attrs["examples"]:
-                self.pending[(prompt_key, example)] = attrs["job_id"]
 
     def record(
         self,
@@ -167,7 +118,7 @@ class TrialStore:
         details: Sequence[Sequence[float]] | None = None,
         **attrs: Any,
     ) -> None:
-        """Commit one trial: `prompt` scored on `examples` (content keys).
+        """Commit one scoring trial: `prompt` scored on `examples` (content keys).
 
         `details`, one list of floats per example, are stored too and replayed into `details`.
         """
@@ -181,10 +132,24 @@ class TrialStore:
             "n_examples": len(values),
             **attrs,
         }
+        mean = sum(values) / len(values)
         self.study.add_trial(
-            optuna.trial.create_trial(value=sum(values) / len(values), user_attrs=user_attrs)
+            optuna.trial.create_trial(state=SCORED, value=mean, user_attrs=user_attrs)
         )
         self._remember(prompt.key(), user_attrs)
+
+    def record_pool(self, prompt: Prompt, mean: float, examples: int, **attrs: Any) -> None:
+        """Commit, once per prompt, its mean on the whole validation pool as a COMPLETE trial."""
+        if prompt.key() in self.pooled:
+            return
+        user_attrs = {
+            "prompt": prompt_to_json(prompt),
+            "kind": POOL_KIND,
+            "n_examples": examples,
+            **attrs,
+        }
+        self.study.add_trial(optuna.trial.create_trial(value=mean, user_attrs=user_attrs))
+        self.pooled.add(prompt.key())
 
     def _remember(self, prompt_key: str, attrs: dict[str, Any]) -> None:
         """Cache a trial's scores (and details, when it has them) by (prompt, example) key."""
@@ -197,54 +162,51 @@ class TrialStore:
 
     # ------------------------------------------------------------------ jobs for workers
     def submit(self, prompt: Prompt, examples: Sequence[Example], **attrs: Any) -> str:
-        """Queue `prompt` on `examples` as a waiting trial for a worker (see ape/worker.py).
+        """Queue `prompt` on `examples` as a waiting trial for a worker (see ape/jobs.py).
 
         The job carries the examples' text, so a worker needs no copy of the task.
         """
         keys = [e.key() for e in examples]
         job_id = content_hash([prompt.key(), keys], 20)
-        trial = optuna.trial.create_trial(
-            state=TrialState.WAITING,
-            user_attrs={
+        self.jobs.put(
+            {
                 "prompt": prompt_to_json(prompt),
                 "examples": keys,
                 "job": [[e.input, e.output, list(e.answers)] for e in examples],
                 "job_id": job_id,
                 **attrs,
-            },
+            }
         )
-        self.study.add_trial(trial)
         for key in keys:
             self.pending[(prompt.key(), key)] = job_id
         return job_id
 
-    def wait(self, job_ids: set[str], poll: float = 0.5, check=None) -> None:
-        """Block until every job in `job_ids` is complete, taking in the scores as they land.
+    def wait(
+        self, job_ids: set[str], poll: float = 0.5, check: Callable[[], None] | None = None
+    ) -> None:
+        """Block until every job in `job_ids` is scored, taking in the scores as they land.
 
         While waiting it also fails and re-queues jobs whose worker stopped beating (killed),
         and calls `check()` so a caller can raise if its workers are gone.
         """
         remaining = set(job_ids) - self._collected
-        storage, study_id = self.study._storage, self.study._study_id
         while remaining:
-            requeue_stale_jobs(self.study)
-            for trial in storage.get_all_trials(
-                study_id, deepcopy=False, states=(TrialState.COMPLETE,)
-            ):
-                if trial.user_attrs.get("job_id") in remaining:
-                    self._absorb(trial)
-                    remaining.discard(trial.user_attrs["job_id"])
+            self.jobs.requeue_stale()
+            for trial in self.jobs.finished(remaining):
+                self._absorb(trial)
+                remaining.discard(trial.user_attrs["job_id"])
             if remaining:
                 if check is not None:
                     check()
                 time.sleep(poll)
 
+    # ------------------------------------------------------------------ generated text
     def generation(self, request: dict[str, Any]) -> dict[str, Any] | None:
         """A stored generation result for `request`, or None."""
-        return self.study.user_attrs.get(_GENERATION_PREFIX + content_hash(request, 24))
+        return self.generations.get(request)
 
     def record_generation(self, request: dict[str, Any], result: dict[str, Any]) -> None:
-        self.study.set_user_attr(_GENERATION_PREFIX + content_hash(request, 24), result)
+        self.generations.put(request, result)
 
 
 def prompt_to_json(prompt: Prompt) -> dict[str, Any]:
@@ -253,7 +215,7 @@ def prompt_to_json(prompt: Prompt) -> dict[str, Any]:
 
 def prompt_from_json(data: dict[str, Any]) -> Prompt:
     demos = tuple(Example(i, o) for i, o in data.get("demos", []))
-    return Prompt(data["instruction"], demos)
+    return Prompt.from_text(data["instruction"], demos)
 
 
 def prompt_key_of(data: dict[str, Any]) -> str:

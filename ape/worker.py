@@ -8,12 +8,8 @@ The scaling path needs nothing but Optuna's storage:
 - ``ape worker --storage URL --study NAME`` on other machines joins the same study through a shared
   PostgreSQL or MySQL database.
 
-A worker claims a waiting trial by moving it to RUNNING, which the database does atomically (row
-lock; on SQLite every transaction takes the write lock first, see ape/study.py), so no job is taken
-twice. While it holds jobs, a thread records Optuna heartbeats; a worker that dies (even by SIGKILL)
-stops beating, and after the grace period any process fails its jobs and Optuna's
-RetryFailedTrialCallback queues them again for another worker. Results are written into the claimed
-trial itself, so a job's pairs are stored exactly once.
+The protocol (claiming, heartbeats, results, re-queueing a dead worker's jobs) is the study's own,
+in ape/jobs.py; this module starts workers and runs that protocol's loop.
 """
 
 from __future__ import annotations
@@ -22,23 +18,15 @@ import os
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Sequence
 from typing import Any
 
-import optuna
-from optuna.trial import TrialState
 from tqdm.auto import tqdm
 
-from ape.study import (
-    HEARTBEAT_SECONDS,
-    SPEC_ATTR,
-    STATE_ATTR,
-    open_storage,
-    prompt_from_json,
-    requeue_stale_jobs,
-)
+from ape.dispatch import score_grouped
+from ape.jobs import Job, JobQueue
+from ape.study import prompt_from_json
 from ape.task import Example
 
 
@@ -92,27 +80,6 @@ class LocalWorkers:
             log.close()
 
 
-class _Heartbeat(threading.Thread):
-    """Records a heartbeat for every job this worker holds, every HEARTBEAT_SECONDS."""
-
-    def __init__(self, storage):
-        super().__init__(daemon=True)
-        self.storage = storage
-        self.held: set[int] = set()
-        self.lock = threading.Lock()
-        self.stopped = threading.Event()
-
-    def run(self) -> None:
-        while not self.stopped.wait(HEARTBEAT_SECONDS):
-            with self.lock:
-                held = list(self.held)
-            for trial_id in held:
-                try:
-                    self.storage.record_heartbeat(trial_id)
-                except Exception:  # a transient database error; the next beat retries
-                    continue
-
-
 def run_worker(
     storage: str,
     study: str,
@@ -130,97 +97,56 @@ def run_worker(
     from ape.evaluators.base import get_evaluator
     from ape.models import load_model
 
-    rdb = open_storage(shared_storage(storage))
-    try:
-        handle = optuna.load_study(study_name=study, storage=rdb)
-    except KeyError:
-        raise ValueError(f"no study {study!r} in {storage}") from None
-    spec = _wait_for_spec(handle, idle_timeout, poll)
+    queue = JobQueue.join(shared_storage(storage), study)
+    spec = _wait_for_spec(queue, idle_timeout, poll)
     lm = load_model(spec["model"], device=device, dtype=spec["dtype"])
     evaluator = get_evaluator(spec["evaluator"], **spec["evaluator_options"])
 
-    heartbeat = _Heartbeat(rdb)
-    heartbeat.start()
+    queue.start_heartbeat()
     done = 0
     idle_since = time.monotonic()
     bar = tqdm(desc="jobs", unit="job", disable=not progress)
     try:
         while True:
-            requeue_stale_jobs(handle)
-            claimed = _claim(rdb, handle._study_id, batch, heartbeat)
+            queue.requeue_stale()
+            claimed = queue.claim(batch)
             if not claimed:
-                finished = handle.user_attrs.get(STATE_ATTR) == "finished"
                 idle = idle_timeout is not None and time.monotonic() - idle_since > idle_timeout
-                if finished or idle:
+                if queue.run_finished() or idle:
                     return done
                 time.sleep(poll)
                 continue
-            _score_jobs(rdb, claimed, lm, evaluator, heartbeat)
+            _score_jobs(queue, claimed, lm, evaluator)
             done += len(claimed)
             bar.update(len(claimed))
             idle_since = time.monotonic()
     finally:
-        heartbeat.stopped.set()
+        queue.stop_heartbeat()
         bar.close()
 
 
-def _wait_for_spec(handle, idle_timeout: float | None, poll: float) -> dict[str, Any]:
+def _wait_for_spec(queue: JobQueue, idle_timeout: float | None, poll: float) -> dict[str, Any]:
     """The run's model and evaluator, written by the coordinator when it starts dispatching."""
     started = time.monotonic()
     while True:
-        spec = handle.user_attrs.get(SPEC_ATTR)
+        spec = queue.spec()
         if spec is not None:
             return spec
         if idle_timeout is not None and time.monotonic() - started > idle_timeout:
             raise ValueError(
-                f"study {handle.study_name!r} has no run dispatching to workers (start one with "
-                "ape optimize ... --workers N)"
+                f"study {queue.study.study_name!r} has no run dispatching to workers (start one "
+                "with ape optimize ... --workers N)"
             )
         time.sleep(poll)
 
 
-def _claim(rdb, study_id: int, batch: int, heartbeat: _Heartbeat) -> list:
-    """Up to `batch` waiting jobs, each moved to RUNNING by this worker alone."""
-    claimed = []
-    for trial in rdb.get_all_trials(study_id, deepcopy=False, states=(TrialState.WAITING,)):
-        if "job" not in trial.user_attrs:
-            continue
-        # Beat first: Optuna never fails a RUNNING trial that has no heartbeat, so a worker killed
-        # between taking a job and its first beat would leave that job orphaned for good.
-        rdb.record_heartbeat(trial._trial_id)
-        try:
-            taken = rdb.set_trial_state_values(trial._trial_id, TrialState.RUNNING)
-        except optuna.exceptions.UpdateFinishedTrialError:
-            taken = False
-        if taken:
-            with heartbeat.lock:
-                heartbeat.held.add(trial._trial_id)
-            claimed.append(trial)
-            if len(claimed) == batch:
-                break
-    return claimed
-
-
-def _score_jobs(rdb, trials: Sequence, lm, evaluator, heartbeat: _Heartbeat) -> None:
-    from ape.objective import score_grouped
-
+def _score_jobs(queue: JobQueue, jobs: Sequence[Job], lm, evaluator) -> None:
     todo = [
         (
-            prompt_from_json(t.user_attrs["prompt"]),
-            [Example(i, o, tuple(a)) for i, o, a in t.user_attrs["job"]],
+            prompt_from_json(job.attrs["prompt"]),
+            [Example(i, o, tuple(a)) for i, o, a in job.attrs["job"]],
         )
-        for t in trials
+        for job in jobs
     ]
-    rows = score_grouped(evaluator, lm, todo)
-    for trial, row in zip(trials, rows, strict=True):
-        values = row.tolist()
-        try:
-            rdb.set_trial_user_attr(trial._trial_id, "scores", values)
-            rdb.set_trial_state_values(
-                trial._trial_id, TrialState.COMPLETE, [sum(values) / len(values)]
-            )
-        except optuna.exceptions.UpdateFinishedTrialError:
-            pass  # judged dead and re-queued meanwhile; the retry stores these pairs instead
-        finally:
-            with heartbeat.lock:
-                heartbeat.held.discard(trial._trial_id)
+    for job, row in zip(jobs, score_grouped(evaluator, lm, todo), strict=True):
+        queue.complete(job, row.tolist())

@@ -383,3 +383,82 @@ def test_sampled_text_after_an_interrupted_generation_matches_an_uninterrupted_r
     assert resumed.generate(prompts, **settings) == expected
     assert len(resumed_lm.generate_calls) == 2  # the first chunk was replayed
     assert resumed.budget.tokens == whole.budget.tokens
+
+
+# ----------------------------------------------------------------------------- the study's shape
+def test_a_candidate_complete_on_the_pool_gets_one_complete_trial_the_studys_best(tmp_path):
+    storage = _sqlite(tmp_path)
+    store = TrialStore(storage, "study", FINGERPRINT)
+    objective = Objective(
+        _task(), FakeLM(), CountingEvaluator(), store, val_examples=4, progress=False
+    )
+    a, b = Prompt("a"), Prompt("b")
+    objective.evaluate([a, b], objective.val_pool[:2])
+    states = {t.state for t in store.study.get_trials()}
+    assert states == {optuna.trial.TrialState.PRUNED}  # minibatches are never "best"
+    objective.evaluate([a], objective.val_pool)
+    objective.evaluate([a], objective.val_pool[:3])  # complete already: no second trial
+    complete = store.study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    mean = float(np.mean([_score(a, e) for e in objective.val_pool]))
+    assert len(complete) == 1 and complete[0].value == pytest.approx(mean, abs=1e-12)
+    assert complete[0].user_attrs["kind"] == "pool" and complete[0].user_attrs["n_examples"] == 4
+    assert store.study.best_trial.number == complete[0].number
+    assert objective.history[-1][1] == pytest.approx(mean, abs=1e-12)
+
+    again = TrialStore(storage, "study", FINGERPRINT)
+    replayed = Objective(
+        _task(), FakeLM(), CountingEvaluator(), again, val_examples=4, progress=False
+    )
+    replayed.evaluate([a], replayed.val_pool)
+    assert replayed.computed_pairs == 0
+    assert len(again.study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))) == 1
+
+
+def test_generations_live_in_a_study_of_their_own(tmp_path):
+    from ape.generation_cache import GENERATIONS_ATTR
+
+    objective = _objective(_sqlite(tmp_path))
+    objective.generate(["one", "two"], n=2, max_new_tokens=4)
+    attrs = objective.store.study.user_attrs
+    assert not any(key.startswith("generation:") for key in attrs)
+    side = optuna.load_study(study_name=attrs[GENERATIONS_ATTR], storage=_sqlite(tmp_path))
+    assert [t.user_attrs["texts"] for t in side.get_trials()] == [
+        [[f"answer {i} to {p}" for i in range(2)] for p in ("one", "two")]
+    ]
+
+
+def test_generations_stored_as_study_attributes_by_older_runs_are_replayed(tmp_path):
+    from ape.storage import content_hash
+
+    storage = _sqlite(tmp_path)
+    request = {
+        "model": "fake",
+        "prompts": ["old"],
+        "n": 1,
+        "temperature": 0.0,
+        "max_new_tokens": 8,
+        "seed": None,
+        "chat": False,
+        "stop": [],
+    }
+    old = TrialStore(storage, "study", FINGERPRINT)
+    old.study.set_user_attr(
+        "generation:" + content_hash(request, 24), {"texts": [["stored"]], "tokens": 3}
+    )
+    lm = FakeLM()
+    objective = _objective(storage, lm=lm)
+    assert objective.store.generations_loaded == 1
+    assert objective.generate(["old"], max_new_tokens=8) == [["stored"]]
+    assert lm.generate_calls == [] and objective.budget.tokens == 3
+
+
+def test_counts_are_checked_in_one_place_with_the_callers_spelling():
+    from ape.budget import check_counts
+
+    check_counts(budget=None, test_top=1)
+    with pytest.raises(ValueError, match=r"^budget must be a positive number of units, got 0$"):
+        check_counts(budget=0)
+    with pytest.raises(ValueError, match=r"^--test-top must be positive, got -1$"):
+        check_counts("--", test_top=-1)
+    with pytest.raises(ValueError, match=r"^val_examples must be positive, got 0$"):
+        check_counts(val_examples=0)
