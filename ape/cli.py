@@ -203,6 +203,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
 
 def _run_optimize(args: argparse.Namespace) -> int:
     from ape.api import Interrupted, optimize
+    from ape.budget import check_counts
     from ape.capabilities import check
     from ape.evaluation import make_evaluator
     from ape.models import load_model
@@ -210,12 +211,8 @@ def _run_optimize(args: argparse.Namespace) -> int:
     from ape.task import load_task
 
     options = _searcher_arguments(args)
-    if args.budget is not None and args.budget <= 0:
-        raise ValueError(f"--budget must be a positive number of units, got {args.budget}")
-    for flag in ("val_examples", "test_top", "test_examples"):
-        value = getattr(args, flag)
-        if value is not None and value <= 0:
-            raise ValueError(f"--{flag.replace('_', '-')} must be positive, got {value}")
+    counts = ("budget", "val_examples", "test_top", "test_examples")
+    check_counts("--", **{name: getattr(args, name) for name in counts})
     task = load_task(args.data, val=args.val, test=args.test, seed=args.seed)
     scorer = make_evaluator(args.evaluator, task)  # bad names fail before the slow model load
     check(get_searcher(args.searcher, **options), scorer)  # so does a searcher it cannot serve

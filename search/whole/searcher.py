@@ -1,0 +1,308 @@
+"""The whole prompt: instruction, demonstrations and their number and order, searched together.
+
+1. Baselines first: no instruction, each human instruction (the task's, or `--instruction`), and
+   the `demos` baseline's same-seed random demos are scored on the whole validation pool, so the
+   winner can never be a prompt one of them beats there.
+2. Pools: APE's proposal step writes instructions; `num_demo_sets` seeded demo sets of
+   `max_demos` training examples are drawn (class-balanced for labelled tasks). A label's demo
+   shows the word the evaluator scores (a verbalizer), not the raw label.
+3. Candidates pair them: each demo set without instruction, and each instruction (proposed or
+   human) with a demo set in turn. A UCB bandit (search/bandit.py) spends scoring on the
+   promising ones, every pull on validation examples the candidate has not seen.
+4. Resampling around the best (APE's loop, widened to demos): for the `top_k` candidates, the LM
+   rephrases the instruction (same demos), the demo set mutates (one demo swapped for one of the
+   same class, order shuffled, one fewer, one more), and the best instruction is tried with each
+   top demo set. The bandit continues over old and new.
+5. The `finalists` best by mean (minus `length_penalty` per prompt token; ties: the shorter) are
+   scored on the whole pool beside the baselines; `optimize()` ranks on those full-pool scores.
+
+With `--max-demos 0` it is instruction-only APE with the baselines in the pool. Candidates whose
+prompt would not fit the model's window with the longest validation example are skipped, with a
+note on stderr.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+from ape.search.bandit import Arm, UCBBandit
+from ape.search.base import non_negative, option, positive
+from ape.search.demos import DemoSet, draw_sets, label_words, mutations, random_demos, shown
+from ape.search.proposal import (
+    PROPOSALS_HELP,
+    SUBSAMPLES_HELP,
+    ProposalOptions,
+    chat_flags,
+    resample_prompt,
+    sample_instructions,
+)
+
+from ape.objective import Objective
+from ape.prompt import Prompt
+from ape.prompt_length import prompt_tokens
+
+
+@dataclass(frozen=True)
+class WholePromptSearcher(ProposalOptions):
+    name: ClassVar[str] = "whole"
+
+    num_subsamples: int = option(3, SUBSAMPLES_HELP)
+    num_proposals: int = option(4, PROPOSALS_HELP)
+    instructions: tuple[str, ...] = option(
+        (),
+        "baseline instructions (CLI: --instruction, repeatable); default: the task's human "
+        "instructions from meta.json",
+        flag="--instruction",
+    )
+    random_demos: int = option(5, "demos in the random-demos baseline (the `demos` searcher's k)")
+    max_demos: int = option(8, "most demos a prompt shows; 0: instruction-only APE")
+    num_demo_sets: int = option(6, "seeded demo sets drawn from the training split")
+    minibatch: int = option(10, "validation examples per bandit pull")
+    per_round: int = option(8, "candidates pulled per bandit round")
+    rounds: int = option(
+        6, "bandit rounds per stage; with a budget, the rounds are sized to fill it instead"
+    )
+    c: float = option(1.0, "UCB exploration weight, in standard deviations of the scores")
+    resample_rounds: int = option(2, "rounds of resampling around the best")
+    top_k: int = option(3, "candidates resampled around per round")
+    variations: int = option(2, "rephrasings asked per resampled instruction and template")
+    finalists: int = option(4, "best candidates scored on the whole validation pool")
+    length_penalty: float = option(
+        0.0, "score minus this times the prompt's tokens when ranking (CAPO-style); 0: off"
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        positive(
+            minibatch=self.minibatch,
+            per_round=self.per_round,
+            top_k=self.top_k,
+            variations=self.variations,
+            finalists=self.finalists,
+            num_demo_sets=self.num_demo_sets,
+        )
+        non_negative(
+            rounds=self.rounds,
+            resample_rounds=self.resample_rounds,
+            c=self.c,
+            max_demos=self.max_demos,
+            random_demos=self.random_demos,
+            length_penalty=self.length_penalty,
+        )
+
+    # ----------------------------------------------------------------------------- the search
+    def search(self, objective: Objective) -> None:
+        train = objective.task.train
+        if self.max_demos > len(train):
+            raise ValueError(
+                f"task {objective.task.name!r}: max_demos={self.max_demos}, but the training "
+                f"split has {len(train)} rows; pass --max-demos {len(train)} or fewer"
+            )
+        pool = _Pool(objective, self.minibatch, self.c, self.length_penalty)
+        pool.add(self._baselines(objective), full=True)
+
+        proposer = self.proposer(objective)
+        chats = chat_flags(self.templates, proposer)
+        humans = self._human(objective)
+        sets = draw_sets(train, self.num_demo_sets, self.max_demos, objective.seed)
+        if self.max_demos:
+            pool.add([(Prompt("", pool.show(s)), s, "demo set") for s in sets])
+        for origin, found in self.propose(objective, proposer):
+            pool.add(self._paired(pool, found, sets, origin))
+        pool.add(self._paired(pool, humans, sets, "human"))
+
+        rounds = self._rounds(objective, pool, len(chats))
+        pool.bandit.run(rounds, self.per_round)
+        rng = np.random.default_rng([objective.seed, 3])
+        for r in range(1, self.resample_rounds + 1):
+            top = pool.top(self.top_k)
+            for chat in chats:
+                pool.add(self._rephrased(objective, proposer, pool, top, chat, r))
+            pool.add(self._mutated(pool, top, train, rng, r))
+            pool.bandit.run(rounds, self.per_round)
+        objective.evaluate([arm.prompt for arm in pool.top(self.finalists)], objective.val_pool)
+
+    @classmethod
+    def test_options(cls) -> dict[str, object]:
+        """Small options for the conformance tests: seconds on the tiny test model."""
+        return dict(
+            num_subsamples=1,
+            num_proposals=2,
+            max_demos=3,
+            num_demo_sets=2,
+            minibatch=3,
+            per_round=3,
+            rounds=2,
+            resample_rounds=1,
+            top_k=2,
+            variations=1,
+            finalists=2,
+            max_new_tokens=8,
+        )
+
+    def schedule(self, task, pool: int, templates: int) -> dict[str, int]:
+        """What the default schedule spends at most (no budget): scored pairs and generated
+        tokens, for a validation pool of `pool` examples and `templates` proposal templates."""
+        humans = len(self.instructions) or len(task.human_instructions)
+        baselines = (1 + humans + (1 if self.random_demos else 0)) * pool
+        stages = (self.resample_rounds + 1) * self.rounds * self.per_round * min(
+            self.minibatch, pool
+        )
+        samples = templates * (
+            self.num_subsamples * self.num_proposals
+            + self.resample_rounds * self.top_k * self.variations
+        )
+        return {
+            "pairs": baselines + stages + self.finalists * pool,
+            "tokens": samples * self.max_new_tokens,
+        }
+
+    # ----------------------------------------------------------------------------- candidates
+    def _human(self, objective: Objective) -> list[str]:
+        return list(self.instructions) or list(objective.task.human_instructions)
+
+    def _baselines(self, objective: Objective) -> list[tuple[Prompt, DemoSet, str]]:
+        """No instruction, each human instruction, and the `demos` baseline's random demos."""
+        out = [(Prompt(""), (), "baseline: no instruction")]
+        out += [(Prompt(t), (), "baseline: human") for t in self._human(objective)]
+        train = objective.task.train
+        if self.random_demos and len(train) >= self.random_demos:
+            demos = random_demos(train, self.random_demos, objective.seed)
+            label = f"baseline: {self.random_demos} random demos"
+            out.append((Prompt("", shown(demos, label_words(objective))), demos, label))
+        return out
+
+    def _paired(self, pool: _Pool, texts: Sequence[str], sets: list[DemoSet], origin: str):
+        """Each instruction with a demo set in turn (without demos when max_demos is 0)."""
+        out = []
+        for i, text in enumerate(texts):
+            demos = sets[i % len(sets)] if self.max_demos else ()
+            out.append((Prompt(text, pool.show(demos)), demos, origin))
+        return out
+
+    def _rephrased(self, objective, proposer, pool: _Pool, top: list[Arm], chat: bool, r: int):
+        """LM variations of the top candidates' instructions, each with its candidate's demos."""
+        parents = [arm for arm in top if arm.prompt.instruction]
+        if not parents:
+            return []
+        texts = sample_instructions(
+            objective,
+            proposer,
+            [resample_prompt(arm.prompt.instruction, chat=chat) for arm in parents],
+            n=self.variations,
+            chat=chat,
+            temperature=self.temperature,
+            max_new_tokens=self.max_new_tokens,
+            max_chars=self.max_chars,
+            desc="resampling",
+        )
+        origin = f"resample {r}" + (" (chat)" if chat else "")
+        out = []
+        for i, text in enumerate(texts):
+            parent = parents[i // self.variations]
+            if text is not None:
+                out.append((Prompt(text, parent.prompt.demos), pool.demos_of(parent), origin))
+        return out
+
+    def _mutated(self, pool: _Pool, top: list[Arm], train, rng, r: int):
+        """Demo-set neighbours of the top candidates, and the best instruction on their demos."""
+        out = []
+        for arm in top:
+            for demos in mutations(pool.demos_of(arm), train, self.max_demos, rng):
+                out.append((Prompt(arm.prompt.instruction, pool.show(demos)), demos, f"demos {r}"))
+        best = next((arm.prompt.instruction for arm in top if arm.prompt.instruction), "")
+        if best:
+            for arm in top:
+                demos = pool.demos_of(arm)
+                out.append((Prompt(best, pool.show(demos)), demos, f"crossover {r}"))
+        return out
+
+    def _rounds(self, objective: Objective, pool: _Pool, templates: int) -> int:
+        """Bandit rounds per stage: the configured number, or sized to fill a given budget."""
+        if objective.budget.limit is None:
+            return self.rounds
+        final = self.finalists * len(objective.val_pool)
+        resampling = (
+            self.resample_rounds * self.top_k * self.variations * self.max_new_tokens * templates
+        )
+        spare = objective.budget.remaining - final - resampling
+        per_stage = spare / (self.resample_rounds + 1)
+        return max(1, int(per_stage // (self.per_round * self.minibatch)))
+
+
+class _Pool:
+    """The bandit's candidates with their raw demo sets, window check and ranking rule."""
+
+    def __init__(self, objective: Objective, minibatch: int, c: float, length_penalty: float):
+        self.objective = objective
+        self.bandit = UCBBandit(objective, minibatch, c)
+        self.length_penalty = length_penalty
+        self.words = label_words(objective)
+        self.raw: dict[str, DemoSet] = {}  # prompt key -> demos before label words are shown
+        self.tokens: dict[str, int] = {}
+        self.window = getattr(objective.lm, "max_length", None)
+        self.longest = _longest_example(objective)
+        self.skipped = 0
+
+    def show(self, demos: DemoSet) -> DemoSet:
+        return shown(demos, self.words)
+
+    def demos_of(self, arm: Arm) -> DemoSet:
+        return self.raw.get(arm.prompt.key(), ())
+
+    def add(self, items: list[tuple[Prompt, DemoSet, str]], full: bool = False) -> None:
+        """Add candidates (skipping any that would not fit the window); `full`: score them on
+        the whole validation pool now."""
+        by_origin: dict[str, list[Prompt]] = {}
+        for prompt, demos, origin in items:
+            key = prompt.key()
+            if key in self.bandit.arms or not self._fits(prompt):
+                continue
+            self.raw[key] = demos
+            by_origin.setdefault(origin, []).append(prompt)
+        for origin, prompts in by_origin.items():
+            if full:
+                self.objective.add_candidates(prompts, origin)
+                try:
+                    self.objective.evaluate(prompts, self.objective.val_pool)
+                finally:
+                    self.bandit.add(prompts, origin)
+                    self.bandit.absorb(list(self.bandit.arms.values()))
+            else:
+                self.bandit.add(prompts, origin)
+
+    def _fits(self, prompt: Prompt) -> bool:
+        key = prompt.key()
+        self.tokens[key] = prompt_tokens(self.objective.lm, prompt)
+        if self.window is None or self.tokens[key] + self.longest <= self.window:
+            return True
+        self.skipped += 1
+        print(
+            f"note: skipped a candidate of {self.tokens[key]} prompt tokens: with the longest "
+            f"validation example ({self.longest} tokens) it exceeds the model's window "
+            f"({self.window})",
+            file=sys.stderr,
+        )
+        return False
+
+    def rank_key(self, arm: Arm) -> tuple[float, int]:
+        tokens = self.tokens.get(arm.prompt.key(), 0)
+        return (-(arm.mean - self.length_penalty * tokens), tokens)
+
+    def top(self, k: int) -> list[Arm]:
+        """The k pulled arms with the best penalized mean (ties: the shorter prompt)."""
+        pulled = [a for a in self.bandit.arms.values() if a.scores]
+        return sorted(pulled, key=self.rank_key)[:k]
+
+
+def _longest_example(objective: Objective) -> int:
+    """Tokens of the longest validation input plus output, with the template around them."""
+    tokenizer = getattr(objective.lm, "tokenizer", None)
+    texts = [Prompt().context(e.input) + Prompt.continuation(e.output) for e in objective.val_pool]
+    if tokenizer is None or not texts:
+        return max((len(t.split()) for t in texts), default=0)
+    return max(len(tokenizer(t).input_ids) for t in texts)
