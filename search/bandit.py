@@ -80,9 +80,9 @@ class UCBBandit:
         try:
             self.objective.evaluate_each(requests)
         finally:
-            self._absorb(chosen)
+            self.absorb(chosen)
 
-    def _absorb(self, arms: list[Arm]) -> None:
+    def absorb(self, arms: list[Arm]) -> None:
         """Read the arms' scores back from the objective (also after a budget stop mid-round)."""
         for arm in arms:
             known = self.objective.candidates.get(arm.prompt.key())

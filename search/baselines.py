@@ -9,8 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-import numpy as np
 from ape.search.base import option, positive
+from ape.search.demos import label_words, random_demos, shown
 
 from ape.objective import Objective
 from ape.prompt import Prompt
@@ -24,6 +24,11 @@ class NoInstruction:
 
     def search(self, objective: Objective) -> None:
         objective.evaluate([Prompt("")], objective.val_pool, origin="none")
+
+    @classmethod
+    def test_options(cls) -> dict[str, object]:
+        """Options for the conformance tests: none to take."""
+        return {}
 
 
 @dataclass(frozen=True)
@@ -48,6 +53,11 @@ class GivenInstructions:
             )
         objective.evaluate([Prompt(t) for t in texts], objective.val_pool, origin="given")
 
+    @classmethod
+    def test_options(cls) -> dict[str, object]:
+        """Options for the conformance tests, whose task has no human instructions."""
+        return {"instructions": ("Reverse the word.", "Spell the word backwards.")}
+
 
 @dataclass(frozen=True)
 class RandomDemos:
@@ -61,9 +71,12 @@ class RandomDemos:
         positive(k=self.k)
 
     def search(self, objective: Objective) -> None:
-        train = objective.task.train
-        if len(train) < self.k:
-            raise ValueError(f"k={self.k} demos asked, but the training split has {len(train)}")
-        rng = np.random.default_rng(objective.seed)
-        demos = tuple(train[i] for i in rng.choice(len(train), self.k, replace=False))
+        demos = shown(
+            random_demos(objective.task.train, self.k, objective.seed), label_words(objective)
+        )
         objective.evaluate([Prompt("", demos)], objective.val_pool, origin=f"{self.k} random demos")
+
+    @classmethod
+    def test_options(cls) -> dict[str, object]:
+        """Small options for the conformance tests."""
+        return {"k": 2}
