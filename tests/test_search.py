@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from ape.search.ape.searcher import APESearcher
 from ape.search.bandit import UCBBandit
-from ape.search.base import available_searchers, get_searcher, searcher_options
+from ape.search.base import available_searchers, get_searcher, searcher_class, searcher_options
 from ape.search.baselines import GivenInstructions, NoInstruction, RandomDemos
 from ape.search.proposal import (
     clean_instruction,
@@ -17,7 +17,7 @@ from ape.search.proposal import (
     resample_prompt,
     unique,
 )
-from conftest import SMALL_APE
+from conformance import evaluator_for, small_options
 
 import ape
 from ape.objective import BudgetExhausted, Objective
@@ -25,10 +25,7 @@ from ape.prompt import Prompt
 from ape.study import TrialStore
 from ape.task import Example, Task
 
-# Small APE knobs: a run on the tiny model takes seconds.
 pytestmark = pytest.mark.usefixtures("single_thread")
-
-APE_KNOBS = SMALL_APE
 
 
 # --------------------------------------------------------------------------------- proposal
@@ -268,18 +265,18 @@ def test_chat_templates_need_a_chat_model():
 
 
 # --------------------------------------------------------------------------------- end to end
-def _options(name: str) -> dict:
-    return {
-        "ape": APE_KNOBS,
-        "given": {"instructions": ("Reverse the word.", "Spell the word backwards.")},
-        "demos": {"k": 2},
-    }.get(name, {})
-
-
 @pytest.mark.parametrize("name", available_searchers())
 def test_every_registered_searcher_runs_through_optimize(name, tiny_lm, task_file):
+    cls = searcher_class(name)  # its own small options (test_options) and an evaluator it takes
+    options = small_options(cls)
     result = ape.optimize(
-        task_file, model=tiny_lm, searcher=name, seed=0, progress=False, **_options(name)
+        task_file,
+        model=tiny_lm,
+        searcher=name,
+        evaluator=evaluator_for(cls),
+        seed=0,
+        progress=False,
+        **options,
     )
     assert result.searcher == name and result.task == "words" and result.model == "tiny"
     best = result.best
@@ -291,7 +288,7 @@ def test_every_registered_searcher_runs_through_optimize(name, tiny_lm, task_fil
     assert result.reference.test_score is not None
     assert result.budget_used > 0 and not result.stopped_by_budget and not result.interrupted
     if name == "given":
-        assert {e.instruction for e in result.leaderboard} == set(_options(name)["instructions"])
+        assert {e.instruction for e in result.leaderboard} == set(options["instructions"])
     if name == "demos":
         assert best.instruction == "" and len(best.demos) == 2
     if name == "none":

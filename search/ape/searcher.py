@@ -106,3 +106,18 @@ class APESearcher(ProposalOptions):
         spare = objective.budget.remaining - final - resampling
         per_stage = spare / (self.resample_rounds + 1)
         return max(1, int(per_stage // (self.per_round * self.minibatch)))
+
+    @classmethod
+    def test_options(cls) -> dict[str, object]:
+        """Small options for the conformance tests: two short bandit stages over a handful of
+        proposals, seconds on the tiny test model."""
+        return dict(
+            num_subsamples=2,
+            num_proposals=3,
+            rounds=2,
+            resample_rounds=1,
+            top_k=2,
+            variations=2,
+            finalists=2,
+            max_new_tokens=8,
+        )

@@ -204,6 +204,14 @@ class RLSearcher:
         spare = objective.budget.remaining - final
         return int(min(self.steps, max(0, spare // per_step)))
 
+    @classmethod
+    def test_options(cls) -> dict[str, object]:
+        """Small options for the conformance tests: three steps of a narrow policy, seconds on
+        the tiny test model."""
+        return dict(
+            steps=3, prompts_per_step=4, minibatch=4, hidden=16, token_top_k=20, finalists=2
+        )
+
 
 def _minibatches(train: list, size: int, seed: int, balanced: bool):
     """Endless seeded minibatches of the training examples.

@@ -137,6 +137,12 @@ class SoftPromptSearcher:
             "batch_size": self.batch_size,
         }
 
+    @classmethod
+    def test_options(cls) -> dict[str, object]:
+        """Small options for the conformance tests: four steps, two checkpoints, under a second
+        on the tiny test model."""
+        return dict(n_tokens=4, init="random", steps=4, batch_size=4, eval_every=2)
+
 
 class _Run:
     """Checkpoints as trials, the best one as the artifact, the curves as extras."""

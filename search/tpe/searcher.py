@@ -128,6 +128,23 @@ class TPESearcher(ProposalOptions):
         affordable = budget.remaining >= self.minibatch + reserve
         return idle < self.trials and (affordable or done == 0)
 
+    @classmethod
+    def test_options(cls) -> dict[str, object]:
+        """Small options for the conformance tests: a dozen trials, seconds on the tiny test
+        model."""
+        return dict(
+            num_subsamples=2,
+            num_proposals=3,
+            max_new_tokens=8,
+            num_demo_sets=3,
+            max_demos=2,
+            trials=12,
+            minibatch=5,
+            full_eval_every=4,
+            finalists=2,
+            n_startup_trials=4,
+        )
+
 
 class _Tried:
     """The prompts the trials chose, each scored on a prefix of the shared validation order."""
