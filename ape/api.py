@@ -6,21 +6,18 @@ import os
 import platform
 import sys
 import time
+from functools import partial
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
-import numpy as np
-
 from ape.budget import BudgetExhausted, check_counts
 from ape.capabilities import check
-from ape.device import describe_machine
 from ape.evaluation import evaluator_options, make_evaluator, resolve_model, resolve_task
 from ape.lm import LanguageModel
 from ape.models import DEFAULT_MODEL
 from ape.objective import Objective
-from ape.prompt import Prompt
-from ape.ranking import Candidate, ranked, standing
-from ape.result import Entry, Result
+from ape.report import build_result
+from ape.result import Result
 from ape.study import TrialStore, content_hash
 from ape.task import Task
 from ape.worker import LocalWorkers, shared_storage
@@ -37,8 +34,8 @@ class Interrupted(KeyboardInterrupt):
 def optimize(
     task_or_path: Task | str | os.PathLike,
     model: LanguageModel | str | os.PathLike = DEFAULT_MODEL,
-    searcher: str = "ape",
-    evaluator: str = "loglik",
+    searcher: str | Any = "whole",
+    evaluator: str | Any = "loglik",
     budget: int | None = None,
     seed: int = 0,
     storage: str | None = None,
@@ -49,6 +46,8 @@ def optimize(
     test_examples: int | None = None,
     progress: bool = True,
     workers: int = 0,
+    length_penalty: float = 0.0,
+    metric_evidence: bool = True,
     **options: Any,
 ) -> Result:
     """Find the prompt that scores best on held-out validation data, and test it.
@@ -60,30 +59,33 @@ def optimize(
     persistent `storage` (e.g. ``"sqlite:///run.db"``), a run interrupted at any moment resumes
     from what it stored. With `workers` > 0, scoring goes to that many local worker processes
     sharing `storage` (a database URL; more can join from other machines, see ape/worker.py).
-    `options` are the searcher's hyperparameters.
+    `length_penalty` lowers each validation mean by that much per prompt token (ties always go
+    to the shorter prompt). `Result.evidence` compares the best prompt with each baseline on
+    test, and with `metric_evidence` also under the task's metric by greedy generation.
+    `searcher` and `evaluator` are names or instances; `options` configure a named searcher.
     """
-    from ape.search.base import get_searcher  # the face reaches searchers only by name
-
     started = time.perf_counter()
     check_counts(budget=budget, test_top=test_top, val_examples=val_examples)
-    _check_workers(workers, storage)
+    _check_settings(workers, storage, evaluator, length_penalty)
     task = resolve_task(task_or_path, seed=seed)
     task = task if test_examples is None else task.sample_test(test_examples, seed)
     scorer_options = evaluator_options(evaluator, task)
     scorer = make_evaluator(evaluator, task, **scorer_options)
-    search = get_searcher(searcher, **options)  # bad names and options fail before the model loads
+    search = _searcher(searcher, options)  # bad names and options fail before the model loads
     check(search, scorer)  # so does an evaluator that cannot serve the searcher
     lm = resolve_model(model)
 
     store = _open_store(task, lm, scorer, storage, study, progress)
     pool = _start_workers(store, workers, lm, evaluator, scorer_options) if workers else None
     settings = dict(budget=budget, seed=seed, val_examples=val_examples, progress=progress)
-    objective = Objective(task, lm, scorer, store, workers=pool, **settings)
-    meta = {"budget": budget, "task": task.name, "model": lm.name, "searcher": searcher}
-    meta.update(evaluator=evaluator, options=_jsonable(options), storage=storage)
-    meta.update(study=store.study_name, seed=seed, test_examples=len(task.test))
+    objective = Objective(
+        task, lm, scorer, store, workers=pool, length_penalty=length_penalty, **settings
+    )
+    meta = _meta(objective, search, scorer, options, storage, budget)
+    metric = partial(_metric_objective, objective, storage) if metric_evidence else None
+    report = dict(metric_objective=metric)
     try:
-        return _search(search, objective, meta, started, test_top)
+        return _search(search, objective, meta, started, test_top, report)
     finally:
         objective.close()
         if pool is not None:
@@ -91,7 +93,49 @@ def optimize(
             pool.stop()
 
 
-def _check_workers(workers: int, storage: str | None) -> None:
+def _searcher(searcher: str | Any, options: dict[str, Any]):
+    """The searcher named, built with `options`; or an instance as it is (it has its options)."""
+    from ape.search.base import get_searcher  # the face reaches searchers only by name
+
+    if isinstance(searcher, str):
+        return get_searcher(searcher, **options)
+    if options:
+        raise ValueError(f"options are for a searcher named by a string; {searcher!r} has its own")
+    return searcher
+
+
+def _meta(objective: Objective, search, scorer, options, storage, budget) -> dict[str, Any]:
+    """What a result records about how it was made."""
+    return {
+        "budget": budget,
+        "task": objective.task.name,
+        "model": objective.lm.name,
+        "searcher": search.name,
+        "evaluator": getattr(scorer, "name", type(scorer).__name__),
+        "options": _jsonable(options),
+        "storage": storage,
+        "study": objective.store.study_name,
+        "seed": objective.seed,
+        "test_examples": len(objective.task.test),
+        "versions": _versions(),
+    }
+
+
+def _metric_objective(objective: Objective, storage: str | None, name: str) -> Objective:
+    """An objective scoring with evaluator `name` in a study of its own beside the run's, so its
+    scores resume too."""
+    task, lm = objective.task, objective.lm
+    scorer = make_evaluator(name, task, **evaluator_options(name, task))
+    store = _open_store(task, lm, scorer, storage, f"{objective.store.study_name}.{name}", False)
+    settings = dict(seed=objective.seed, val_examples=objective.val_examples)
+    return Objective(task, lm, scorer, store, progress=objective.progress, **settings)
+
+
+def _check_settings(workers: int, storage: str | None, evaluator, length_penalty: float) -> None:
+    if length_penalty < 0:
+        raise ValueError(f"length_penalty must be 0 or more, got {length_penalty}")
+    if workers and not isinstance(evaluator, str):
+        raise ValueError("workers build their own evaluator: name it (e.g. 'loglik') to use them")
     if workers < 0:
         raise ValueError(f"workers must be 0 or more, got {workers}")
     if workers:
@@ -146,7 +190,9 @@ def _jsonable(options: dict[str, Any]) -> dict[str, Any]:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in options.items()}
 
 
-def _search(search, objective: Objective, meta: dict[str, Any], started: float, test_top: int):
+def _search(
+    search, objective: Objective, meta: dict[str, Any], started: float, test_top: int, report
+):
     """Run the searcher, then test its best; Ctrl-C returns what was scored inside `Interrupted`."""
     stopped_by_budget = False
     try:
@@ -155,65 +201,12 @@ def _search(search, objective: Objective, meta: dict[str, Any], started: float, 
     except BudgetExhausted:
         stopped_by_budget = True
     except KeyboardInterrupt as interrupt:
-        result = _result(objective, meta, started, tested=0)
+        result = build_result(objective, meta, started, 0, **report)
         result.interrupted = True
         raise Interrupted(result) from interrupt
-    result = _result(objective, meta, started, tested=test_top)
+    result = build_result(objective, meta, started, test_top, **report)
     result.stopped_by_budget = stopped_by_budget
     return result
-
-
-def _result(objective: Objective, meta: dict[str, Any], started: float, tested: int) -> Result:
-    searched = list(objective.candidates.values())
-    pool = [e.key() for e in objective.val_pool]
-    order = ranked(searched, pool)
-    reference = Prompt("")
-    test_rows: dict[str, float] = {}
-    if tested and order:
-        prompts = [c.prompt for c in order[:tested]]
-        prompts += [reference] if reference.key() not in {p.key() for p in prompts} else []
-        objective.score_evidence([reference], "val")
-        for prompt, row in zip(prompts, objective.score_evidence(prompts, "test"), strict=True):
-            test_rows[prompt.key()] = float(np.mean(row))
-    elif tested:
-        raise ValueError(
-            "nothing was scored: the budget is too small for this searcher "
-            f"(used {objective.budget.used} of {objective.budget.limit})"
-        )
-
-    def entry(c: Candidate) -> Entry:
-        examples, score = standing(c, pool)
-        return Entry.of(
-            c.prompt,
-            val_score=score if c.val else None,
-            val_examples=examples,
-            test_score=test_rows.get(c.prompt.key()),
-            origin=c.origin,
-        )
-
-    leaderboard = [entry(c) for c in order]
-    ref = objective.candidates.get(reference.key())
-    return Result(
-        best=leaderboard[0] if leaderboard else None,
-        leaderboard=leaderboard,
-        budget_used=objective.budget.used,
-        history=[list(point) for point in objective.history],
-        budget_detail={
-            "pairs": objective.budget.pairs,
-            "tokens": objective.budget.tokens,
-            "pairs_computed": objective.computed_pairs,
-        },
-        reference=entry(ref) if ref is not None and ref.val else None,
-        timings={
-            "total_s": round(time.perf_counter() - started, 3),
-            **{f"{k}_s": round(v, 3) for k, v in objective.seconds.items()},
-        },
-        versions=_versions(),
-        machine=describe_machine(getattr(objective.lm, "device", "cpu")),
-        extras=dict(objective.extras),
-        artifacts=dict(objective.artifacts),
-        **meta,
-    )
 
 
 def _versions() -> dict[str, str]:

@@ -9,6 +9,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from ape.display import print_result, print_table
 from ape.flags import SearcherFlags, help_focus
 from ape.models import DEFAULT_MODEL, ModelError
 from ape.task import TaskError
@@ -121,7 +122,7 @@ def _add_optimize(commands, searcher: str | None) -> None:
     )
     _add_task_arguments(optimize)
     names = ", ".join(available_searchers())
-    optimize.add_argument("--searcher", default="ape", help=f"{names} (default: ape)")
+    optimize.add_argument("--searcher", default="whole", help=f"{names} (default: whole)")
     _add_run_arguments(optimize)
     flags = SearcherFlags.registered()
     flags.add_to(optimize, focus=searcher)
@@ -163,6 +164,26 @@ def _add_run_arguments(optimize: argparse.ArgumentParser) -> None:
         "workers on other machines join with 'ape worker' (default: 0, score in this process)",
     )
     optimize.add_argument("--quiet", action="store_true", help="no progress bars")
+    optimize.add_argument(
+        "--length-penalty",
+        type=float,
+        default=0.0,
+        help="rank by validation score minus this times the prompt's tokens (default: 0, off; "
+        "ties always go to the shorter prompt)",
+    )
+    optimize.add_argument(
+        "--metric-evidence",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also compare the best prompt with the baselines under the task's metric by greedy "
+        "generation on test (default: on, when the selection score is a log-likelihood)",
+    )
+    optimize.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print what the searcher's schedule will spend and how long it should take on this "
+        "machine, then exit without scoring",
+    )
 
 
 def _searcher_arguments(args: argparse.Namespace) -> dict:
@@ -191,7 +212,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     ]
     examples = len(task.split(args.split))
     print(f"\n{task.name}: {args.evaluator} on {args.split} ({examples} examples), {lm.name}\n")
-    _print_table(
+    print_table(
         ["score", "instruction"],
         [
             (f"{s:.4f}", text or "(no instruction)")
@@ -219,6 +240,11 @@ def _run_optimize(args: argparse.Namespace) -> int:
     out = args.out or f"{DEFAULT_RUNS}/{task.name}-{args.searcher}-seed{args.seed}.json"
     storage = args.storage or DEFAULT_STORAGE
     lm = load_model(args.model, device=args.device, dtype=args.dtype)
+    if args.dry_run:
+        from ape.dry_run import print_plan
+
+        print_plan(get_searcher(args.searcher, **options), task, lm, args)
+        return 0
     try:
         result = optimize(
             task,
@@ -234,6 +260,8 @@ def _run_optimize(args: argparse.Namespace) -> int:
             test_examples=args.test_examples,
             progress=not args.quiet,
             workers=args.workers,
+            length_penalty=args.length_penalty,
+            metric_evidence=args.metric_evidence,
             **options,
         )
     except Interrupted as stop:
@@ -311,64 +339,6 @@ def _run_show(args: argparse.Namespace) -> int:
 
     print_result(Result.load(args.result), top=args.top)
     return 0
-
-
-def print_result(result, top: int = 10) -> None:
-    """The leaderboard and the best prompt beside the no-instruction reference."""
-
-    def fmt(value) -> str:
-        return "-" if value is None else f"{value:.4f}"
-
-    budget = f"{result.budget_used}" + (f" of {result.budget}" if result.budget else "")
-    print(
-        f"\n{result.task}: searcher {result.searcher}, {result.evaluator}, model {result.model}, "
-        f"seed {result.seed}, budget used {budget}"
-        + (" (interrupted)" if result.interrupted else "")
-    )
-    rows = [
-        (
-            str(i),
-            fmt(e.val_score),
-            str(e.val_examples),
-            fmt(e.test_score),
-            e.origin,
-            _short(e.instruction or "(no instruction)")
-            + (f" + {len(e.demos)} demos" if e.demos else ""),
-        )
-        for i, e in enumerate(result.leaderboard[:top], start=1)
-    ]
-    print()
-    _print_table(["#", "val", "n", "test", "origin", "instruction"], rows)
-    if len(result.leaderboard) > top:
-        print(f"... {len(result.leaderboard) - top} more in the result file")
-    if result.best is None:
-        return
-    print(f"\nbest instruction: {result.best.instruction or '(no instruction)'}")
-    ref = result.reference
-    sample = f" on {result.test_examples} test rows" if result.test_examples else ""
-    print(
-        f"test score: {fmt(result.best.test_score)}"
-        + (f"   (no instruction: {fmt(ref.test_score)})" if ref is not None else "")
-        + sample
-    )
-    print(
-        f"val score:  {fmt(result.best.val_score)}"
-        + (f"   (no instruction: {fmt(ref.val_score)})" if ref is not None else "")
-    )
-
-
-def _short(text: str, limit: int = 80) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _print_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=False)]
-    line = "  ".join(f"{h:<{w}}" for h, w in zip(header, widths, strict=True))
-    print(line.rstrip())
-    print("  ".join("-" * w for w in widths))
-    for row in rows:
-        print("  ".join(f"{c:<{w}}" for c, w in zip(row, widths, strict=True)).rstrip())
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -27,18 +27,31 @@ def resolve_model(model: LanguageModel | str | os.PathLike = DEFAULT_MODEL) -> L
     return model if isinstance(model, LanguageModel) else load_model(model)
 
 
-def evaluator_options(name: str, task: Task, **options: Any) -> dict[str, Any]:
+def evaluator_options(name: str | Any, task: Task, **options: Any) -> dict[str, Any]:
     """`options` with what evaluator `name` takes from the task (its `options_from_task`: a
-    metric, the labels) filled in where not given."""
+    metric, the labels) filled in where not given; none for an evaluator instance."""
     from ape.evaluators.base import EVALUATORS  # the face reaches evaluators only by name
+
+    if not isinstance(name, str):
+        return {}
 
     taken = task_options(EVALUATORS.load(name), task)
     return {**options, **{k: v for k, v in taken.items() if k not in options}}
 
 
-def make_evaluator(name: str, task: Task, **options: Any):
-    """The named evaluator, with the task's metric and labels filled in where it takes them."""
+def make_evaluator(name: str | Any, task: Task, **options: Any):
+    """The named evaluator, with the task's metric and labels filled in where it takes them.
+
+    An evaluator instance (anything with `score`) is used as it is."""
     from ape.evaluators.base import get_evaluator  # the face reaches evaluators only by name
+
+    if not isinstance(name, str):
+        if options:
+            raise ValueError(
+                "options are for an evaluator named by a string; configure the "
+                f"instance {name!r} itself"
+            )
+        return name
 
     return get_evaluator(name, **evaluator_options(name, task, **options))
 
@@ -47,7 +60,7 @@ def evaluate(
     task: Task | str | os.PathLike,
     instructions: Sequence[str | Prompt],
     model: LanguageModel | str | os.PathLike = DEFAULT_MODEL,
-    evaluator: str = "loglik",
+    evaluator: str | Any = "loglik",
     split: str = "test",
     seed: int = 0,
     **evaluator_options: Any,

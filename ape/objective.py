@@ -54,6 +54,7 @@ class Objective:
         val_examples: int = 100,
         progress: bool = True,
         workers=None,
+        length_penalty: float = 0.0,
     ):
         check_counts(val_examples=val_examples)
         if not task.val:
@@ -64,6 +65,8 @@ class Objective:
         self.store = store
         self.workers = workers  # None: score here; else pairs go to workers as queued jobs
         self.seed = seed
+        # Score lost per prompt token when candidates are ranked (see ape.ranking.ranked).
+        self.length_penalty = length_penalty
         order = np.random.default_rng(seed).permutation(len(task.val))
         self.val_order: list[Example] = [task.val[i] for i in order]
         self.val_examples = min(val_examples, len(task.val))
@@ -72,7 +75,7 @@ class Objective:
         # What a searcher hands to the result beside its prompts (see ape.result.Result)
         self.extras: dict[str, Any] = {}  # JSON-serialisable, e.g. a training curve
         self.artifacts: dict[str, Artifact] = {}  # saved as files next to the result
-        self._progress = progress
+        self.progress = progress
         self.budget = Budget(budget)
         self.budget.bar = tqdm(
             total=budget, desc="scoring", unit="unit", disable=not progress, dynamic_ncols=True
@@ -198,7 +201,7 @@ class Objective:
             prompts,
             settings,
             timed=self.timed,
-            bar_options={"desc": desc, "disable": not self._progress},
+            bar_options={"desc": desc, "disable": not self.progress},
         )
 
     def charge(self, units: int) -> None:
@@ -232,7 +235,7 @@ class Objective:
             total=len(prompts) * len(examples),
             desc=f"scoring {split}",
             unit="pair",
-            disable=not self._progress or split == "val",
+            disable=not self.progress or split == "val",
             dynamic_ncols=True,
         )
         with self.timed("evidence"), bar:

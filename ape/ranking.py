@@ -9,7 +9,7 @@ has seen. Among equals, the sort is stable: ties go to the candidate the run fou
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -53,10 +53,25 @@ def standing(candidate: Candidate, pool: Sequence[str] | None = None) -> tuple[i
     return judged.examples, judged.score
 
 
-def ranked(candidates: list[Candidate], pool: Sequence[str] | None = None) -> list[Candidate]:
-    """Candidates best first: those scored on the most validation examples lead, by mean score."""
-    scored = [c for c in candidates if c.val]
-    return sorted(scored, key=lambda c: tuple(-x for x in standing(c, pool)))
+def ranked(
+    candidates: list[Candidate],
+    pool: Sequence[str] | None = None,
+    tokens: Mapping[str, int] | None = None,
+    length_penalty: float = 0.0,
+) -> list[Candidate]:
+    """Candidates best first: those scored on the most validation examples lead, by mean score.
+
+    With `tokens` (prompt key -> the prompt's tokens), the mean is lowered by `length_penalty`
+    per token (CAPO-style) and ties go to the shorter prompt: it costs the user less per call.
+    """
+    tokens = tokens or {}
+
+    def key(c: Candidate) -> tuple[float, float, int]:
+        examples, score = standing(c, pool)
+        length = tokens.get(c.prompt.key(), 0)
+        return (-examples, -(score - length_penalty * length), length)
+
+    return sorted((c for c in candidates if c.val), key=key)
 
 
 class BestSoFar:

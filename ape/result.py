@@ -23,6 +23,8 @@ class Entry:
     test_score: float | None = None
     origin: str = ""
     demos: list[list[str]] = field(default_factory=list)
+    test_metric: float | None = None  # the task's metric by greedy generation, on test
+    tokens: int | None = None  # what the instruction and demos add to every call
 
     @property
     def prompt(self) -> Prompt:
@@ -56,6 +58,9 @@ class Result:
     budget_used: int
     seed: int
     reference: Entry | None = None  # the task with no instruction, scored the same way
+    # best − each baseline on test with a paired bootstrap 95% interval (ape.evidence.Comparison)
+    evidence: list[dict[str, Any]] = field(default_factory=list)
+    length_penalty: float = 0.0
     budget: int | None = None
     budget_detail: dict[str, int] = field(default_factory=dict)
     task: str = ""

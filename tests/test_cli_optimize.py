@@ -176,15 +176,15 @@ def test_optimize_then_show(capsys, task_file, tiny_model_dir, tmp_path):
         "Spell the word backwards.",
     }
     header = next(line for line in printed.splitlines() if line.startswith("#"))
-    assert header.split() == ["#", "val", "n", "test", "origin", "instruction"]
-    assert f"best instruction: {best}" in printed
+    assert header.split() == ["#", "val", "n", "test", "tokens", "origin", "prompt"]
+    assert f"best prompt: {best}" in printed
     assert "(no instruction:" in printed
     assert f"saved {out}" in printed
     assert (tmp_path / "trials.db").is_file() and not (tmp_path / "ape-runs").exists()
 
     assert main(["show", str(out)]) == 0
     shown = capsys.readouterr().out
-    assert f"best instruction: {best}" in shown
+    assert f"best prompt: {best}" in shown
     assert "Spell the word backwards." in shown and "Reverse the word." in shown
 
 

@@ -42,7 +42,7 @@ def test_the_dashboards_best_trial_is_the_results_best_prompt(task_file, tiny_lm
     storage = f"sqlite:///{tmp_path / 'run.db'}"
     options = {**SMALL_APE, "templates": "forward"}
     result = ape.optimize(
-        task_file, model=tiny_lm, storage=storage, seed=0, progress=False, **options
+        task_file, model=tiny_lm, searcher="ape", storage=storage, seed=0, progress=False, **options
     )
     app = optuna_dashboard.wsgi(storage)
     studies = {s["study_name"]: s["study_id"] for s in _get(app, "/api/studies")["study_summaries"]}

@@ -19,9 +19,9 @@ from conftest import SMALL_APE
 
 import ape
 import ape.api
-from ape.api import ranked
 from ape.objective import Candidate
 from ape.prompt import Prompt
+from ape.ranking import ranked
 from ape.result import Result
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -289,7 +289,8 @@ def test_a_run_killed_with_sigkill_resumes_to_the_uninterrupted_result(
     out = tmp_path / "killed.json"
     command = [
         *(sys.executable, "-m", "ape", "optimize", str(task_file), "--seed", "0", "--quiet"),
-        *("--model", str(tiny_model_dir), "--storage", f"sqlite:///{db}", "--out", str(out)),
+        *("--searcher", "ape", "--model", str(tiny_model_dir)),
+        *("--storage", f"sqlite:///{db}", "--out", str(out)),
         *(f"--{key.replace('_', '-')}={value}" for key, value in knobs.items()),
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}

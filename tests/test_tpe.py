@@ -16,10 +16,10 @@ from ape.search.proposal import clean_instruction, proposal_prompt, propose, uni
 from ape.search.tpe.searcher import TPESearcher
 
 import ape
-from ape.api import ranked
 from ape.evaluation import make_evaluator
 from ape.objective import Objective
 from ape.prompt import Prompt
+from ape.ranking import ranked
 from ape.study import TrialStore
 from ape.task import Example, Task
 

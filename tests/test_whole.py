@@ -132,8 +132,10 @@ def test_random_demos_error_names_the_sizes():
 
 
 def test_options_are_checked():
+    with pytest.raises(ValueError, match="max_demos must be 0 or more"):
+        WholePromptSearcher(max_demos=-1)
     with pytest.raises(ValueError, match="length_penalty must be 0 or more"):
-        WholePromptSearcher(length_penalty=-1)
+        ape.optimize([{"input": "a", "output": "b"}] * 4, length_penalty=-1)
 
 
 # ---------------------------------------------------------------------------------- evidence
@@ -158,3 +160,23 @@ def test_baseline_names():
     assert baseline_name("baseline: human") == "best human instruction"
     assert baseline_name("baseline: 5 random demos") == "5 random demos"
     assert baseline_name("proposal") is None
+
+
+def test_optimize_takes_rows_and_instances(tiny_lm):
+    from ape.evaluators.loglik import LoglikEvaluator
+    from ape.search.baselines import RandomDemos
+
+    rows = [{"input": w, "output": w[::-1]} for w in ("stone", "cloud", "river", "green") * 6]
+    result = ape.optimize(
+        rows,
+        model=tiny_lm,
+        searcher=RandomDemos(k=2),
+        evaluator=LoglikEvaluator(),
+        storage="memory",
+        progress=False,
+        metric_evidence=False,
+    )
+    assert result.searcher == "demos" and result.evaluator == "loglik"
+    assert len(result.best.demos) == 2
+    with pytest.raises(ValueError, match="options are for a searcher named by a string"):
+        ape.optimize(rows, model=tiny_lm, searcher=RandomDemos(), k=3, storage="memory")

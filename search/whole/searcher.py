@@ -13,7 +13,7 @@
    rephrases the instruction (same demos), the demo set mutates (one demo swapped for one of the
    same class, order shuffled, one fewer, one more), and the best instruction is tried with each
    top demo set. The bandit continues over old and new.
-5. The `finalists` best by mean (minus `length_penalty` per prompt token; ties: the shorter) are
+5. The `finalists` best by mean (minus `--length-penalty` per prompt token; ties: the shorter) are
    scored on the whole pool beside the baselines; `optimize()` ranks on those full-pool scores.
 
 With `--max-demos 0` it is instruction-only APE with the baselines in the pool. Candidates whose
@@ -50,7 +50,7 @@ from ape.prompt_length import prompt_tokens
 class WholePromptSearcher(ProposalOptions):
     name: ClassVar[str] = "whole"
 
-    num_subsamples: int = option(3, SUBSAMPLES_HELP)
+    num_subsamples: int = option(2, SUBSAMPLES_HELP)
     num_proposals: int = option(4, PROPOSALS_HELP)
     instructions: tuple[str, ...] = option(
         (),
@@ -64,16 +64,13 @@ class WholePromptSearcher(ProposalOptions):
     minibatch: int = option(10, "validation examples per bandit pull")
     per_round: int = option(8, "candidates pulled per bandit round")
     rounds: int = option(
-        6, "bandit rounds per stage; with a budget, the rounds are sized to fill it instead"
+        4, "bandit rounds per stage; with a budget, the rounds are sized to fill it instead"
     )
     c: float = option(1.0, "UCB exploration weight, in standard deviations of the scores")
-    resample_rounds: int = option(2, "rounds of resampling around the best")
+    resample_rounds: int = option(1, "rounds of resampling around the best")
     top_k: int = option(3, "candidates resampled around per round")
     variations: int = option(2, "rephrasings asked per resampled instruction and template")
-    finalists: int = option(4, "best candidates scored on the whole validation pool")
-    length_penalty: float = option(
-        0.0, "score minus this times the prompt's tokens when ranking (CAPO-style); 0: off"
-    )
+    finalists: int = option(3, "best candidates scored on the whole validation pool")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -91,7 +88,6 @@ class WholePromptSearcher(ProposalOptions):
             c=self.c,
             max_demos=self.max_demos,
             random_demos=self.random_demos,
-            length_penalty=self.length_penalty,
         )
 
     # ----------------------------------------------------------------------------- the search
@@ -102,7 +98,7 @@ class WholePromptSearcher(ProposalOptions):
                 f"task {objective.task.name!r}: max_demos={self.max_demos}, but the training "
                 f"split has {len(train)} rows; pass --max-demos {len(train)} or fewer"
             )
-        pool = _Pool(objective, self.minibatch, self.c, self.length_penalty)
+        pool = _Pool(objective, self.minibatch, self.c, objective.length_penalty)
         pool.add(self._baselines(objective), full=True)
 
         proposer = self.proposer(objective)
@@ -149,8 +145,8 @@ class WholePromptSearcher(ProposalOptions):
         tokens, for a validation pool of `pool` examples and `templates` proposal templates."""
         humans = len(self.instructions) or len(task.human_instructions)
         baselines = (1 + humans + (1 if self.random_demos else 0)) * pool
-        stages = (self.resample_rounds + 1) * self.rounds * self.per_round * min(
-            self.minibatch, pool
+        stages = (
+            (self.resample_rounds + 1) * self.rounds * self.per_round * min(self.minibatch, pool)
         )
         samples = templates * (
             self.num_subsamples * self.num_proposals
