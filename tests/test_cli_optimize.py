@@ -176,7 +176,7 @@ def test_optimize_then_show(capsys, task_file, tiny_model_dir, tmp_path):
         "Spell the word backwards.",
     }
     header = next(line for line in printed.splitlines() if line.startswith("#"))
-    assert header.split() == ["#", "val", "n", "test", "tokens", "origin", "prompt"]
+    assert header.split() == ["#", "val", "n", "test", "metric", "tokens", "origin", "prompt"]
     assert f"best prompt: {best}" in printed
     assert "(no instruction:" in printed
     assert f"saved {out}" in printed
