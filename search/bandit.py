@@ -106,3 +106,22 @@ class UCBBandit:
         """The k pulled arms with the highest mean score."""
         pulled = [a for a in self.arms.values() if a.scores]
         return sorted(pulled, key=lambda a: -a.mean)[:k]
+
+
+def stage_rounds(
+    objective: Objective,
+    *,
+    rounds: int,
+    per_round: int,
+    minibatch: int,
+    finalists: int,
+    stages: int,
+    resample_tokens: int,
+) -> int:
+    """Bandit rounds per stage: `rounds`, or with a budget, sized to fill what is left after the
+    finalists' full evaluation and the resampling's generated tokens, over `stages` stages."""
+    if objective.budget.limit is None:
+        return rounds
+    final = finalists * len(objective.val_pool)
+    spare = objective.budget.remaining - final - resample_tokens
+    return max(1, int(spare / stages // (per_round * minibatch)))

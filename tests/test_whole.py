@@ -13,21 +13,7 @@ from ape.task import Example
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-# A run on the tiny model in seconds.
-SMALL_WHOLE = dict(
-    num_subsamples=1,
-    num_proposals=2,
-    max_demos=3,
-    num_demo_sets=2,
-    minibatch=3,
-    per_round=3,
-    rounds=2,
-    resample_rounds=1,
-    top_k=2,
-    variations=1,
-    finalists=2,
-    max_new_tokens=8,
-)
+SMALL_WHOLE = WholePromptSearcher.test_options()  # a run on the tiny model in seconds
 
 
 def run(task_file, tiny_lm, **options):

@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from ape.search.bandit import UCBBandit
+from ape.search.bandit import UCBBandit, stage_rounds
 from ape.search.base import non_negative, option, positive
 from ape.search.proposal import (
     ProposalOptions,
@@ -97,15 +97,19 @@ class APESearcher(ProposalOptions):
 
     def _rounds(self, objective: Objective, templates: int) -> int:
         """Bandit rounds per stage: the configured number, or sized to fill a given budget."""
-        if objective.budget.limit is None:
-            return self.rounds
-        final = self.finalists * len(objective.val_pool)
-        resampling = (
-            self.resample_rounds * self.top_k * self.variations * self.max_new_tokens * templates
+        return stage_rounds(
+            objective,
+            rounds=self.rounds,
+            per_round=self.per_round,
+            minibatch=self.minibatch,
+            finalists=self.finalists,
+            stages=self.resample_rounds + 1,
+            resample_tokens=self.resample_rounds
+            * self.top_k
+            * self.variations
+            * self.max_new_tokens
+            * templates,
         )
-        spare = objective.budget.remaining - final - resampling
-        per_stage = spare / (self.resample_rounds + 1)
-        return max(1, int(per_stage // (self.per_round * self.minibatch)))
 
     @classmethod
     def test_options(cls) -> dict[str, object]:
