@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 import transformers
+from ape.search.ape import APESearcher
 
 from ape.lm import HFLanguageModel
 from ape.models import _local_directory
@@ -37,16 +38,7 @@ def tiny_lm(tokenizer) -> HFLanguageModel:
 
 
 # APE, small: two stages of bandit rounds over a handful of proposals, seconds on the tiny model.
-SMALL_APE = dict(
-    num_subsamples=2,
-    num_proposals=3,
-    rounds=2,
-    resample_rounds=1,
-    top_k=2,
-    variations=2,
-    finalists=2,
-    max_new_tokens=8,
-)
+SMALL_APE = APESearcher.test_options()
 
 
 # Forty short words; the synthetic task maps each to its reverse.
