@@ -94,3 +94,10 @@ def padded_cache(config, states: Sequence[LayerStates | None], width: int) -> Dy
 def _takes_config() -> bool:
     # DynamicCache(config=...) sets up per-layer types (sliding windows); 4.48 has no such argument.
     return "config" in inspect.signature(DynamicCache.__init__).parameters
+
+
+def select_rows(config, cache, rows: torch.Tensor) -> DynamicCache:
+    """A cache holding the batch rows `rows` of `cache`, in that order (repeats allowed)."""
+    return build_cache(
+        config, [(k.index_select(0, rows), v.index_select(0, rows)) for k, v in layer_states(cache)]
+    )
