@@ -210,12 +210,15 @@ class TrialStore:
 
 
 def prompt_to_json(prompt: Prompt) -> dict[str, Any]:
-    return {"instruction": prompt.instruction, "demos": [[d.input, d.output] for d in prompt.demos]}
+    data = {"instruction": prompt.instruction, "demos": [[d.input, d.output] for d in prompt.demos]}
+    if prompt.label_words:  # only when present: older trials and results read the same
+        data["label_words"] = prompt.words
+    return data
 
 
 def prompt_from_json(data: dict[str, Any]) -> Prompt:
     demos = tuple(Example(i, o) for i, o in data.get("demos", []))
-    return Prompt.from_text(data["instruction"], demos)
+    return Prompt.from_text(data["instruction"], demos, data.get("label_words"))
 
 
 def prompt_key_of(data: dict[str, Any]) -> str:
