@@ -1,0 +1,158 @@
+"""The default `ape optimize` end to end, before and after a change, side by side in one run.
+
+Usage:
+    python benchmarks/end_to_end/run.py [--tasks antonyms,first_word_letter,negation]
+        [--before 698b591] [--after WORKTREE] [--repeats 1]
+        [--out benchmarks/results/end_to_end]
+
+`--before` is a git revision: it is installed (no dependencies, the same site-packages) into a
+folder of its own under /tmp and run from there, so both versions run on the same machine, the
+same interpreter and the same libraries, one after the other. `--after` is this working tree.
+Each run is `python -m ape optimize TASK --seed 0 --storage memory` in a fresh process (model
+load included in the wall time); the result's own timings give the phases: generation,
+scoring, the search as a whole and the test evidence. Units/s is the scored (prompt, example)
+pairs the model computed per second of scoring. Medians over `--repeats`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[2]
+DATA = REPO / ".." / "shared" / "data" / "instruction_induction"
+OUT = REPO / "benchmarks" / "results" / "end_to_end"
+BEFORE = "698b591"  # main before the speed work of issue 15
+TASKS = ("antonyms", "first_word_letter", "negation")
+
+
+def install(revision: str) -> Path:
+    """`revision` installed into a folder of its own; the folder goes first on PYTHONPATH."""
+    target = Path(tempfile.gettempdir()) / f"ape-e2e-{revision}"
+    if (target / "ape").is_dir():
+        return target
+    tree = Path(tempfile.mkdtemp(prefix="ape-e2e-src-"))
+    subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(tree), revision],
+                   check=True)
+    try:
+        subprocess.run(
+            [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+             "--target", str(target), str(tree)],
+            check=True,
+        )
+    finally:
+        subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(tree)],
+                       check=True)
+    return target
+
+
+def run_once(version: str, path: Path | None, task: str, out: Path) -> dict[str, Any]:
+    """One default run of `task` by the code at `path` (None: this working tree)."""
+    env = dict(os.environ)
+    if path is not None:
+        env["PYTHONPATH"] = str(path)
+    result_file = out / "runs" / f"{task}-{version}.json"
+    command = [sys.executable, "-m", "ape", "optimize", str(DATA / task), "--seed", "0",
+               "--storage", "memory", "--quiet", "--out", str(result_file)]
+    started = time.perf_counter()
+    subprocess.run(command, check=True, env=env, cwd=tempfile.gettempdir(),
+                   stdout=subprocess.DEVNULL)
+    wall = time.perf_counter() - started
+    result = json.loads(result_file.read_text())
+    timings = result["timings"]
+    computed = result["budget_detail"].get("pairs_computed", 0)
+    best = result["best"]
+    return {
+        "version": version,
+        "task": task,
+        "wall_s": round(wall, 1),
+        "generate_s": timings.get("generate_s", 0.0),
+        "score_s": timings.get("score_s", 0.0),
+        "search_s": timings.get("search_s", 0.0),
+        "evidence_s": round(timings.get("total_s", 0.0) - timings.get("search_s", 0.0), 1),
+        "units_per_s": round(computed / timings["score_s"], 1) if timings.get("score_s") else None,
+        "best": best["instruction"],
+        "best_demos": len(best.get("demos", [])),
+        "test_loglik": best.get("test_score"),
+        "test_metric": best.get("test_metric"),
+    }
+
+
+def median_row(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The median of each timing over repeats; the prompt and scores of the first repeat (a
+    seeded run chooses the same prompt every time)."""
+    out = dict(rows[0])
+    for key in ("wall_s", "generate_s", "score_s", "search_s", "evidence_s", "units_per_s"):
+        values = [r[key] for r in rows if r[key] is not None]
+        out[key] = round(statistics.median(values), 1) if values else None
+    out["repeats"] = len(rows)
+    return out
+
+
+def table(rows: list[dict[str, Any]], machine: str) -> str:
+    lines = [
+        f"Measured on {machine}; SmolLM2-135M-Instruct, float32; `ape optimize TASK --seed 0 "
+        "--storage memory`, default searcher, medians over repeats.",
+        "",
+        "| task | version | wall s | generation s | scoring s | search s | evidence s | units/s "
+        "| test loglik | test metric | best prompt |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in rows:
+        prompt = (r["best"] or "(no instruction)")[:60] + f" + {r['best_demos']} demos"
+        metric = "" if r["test_metric"] is None else f"{r['test_metric']:.3f}"
+        lines.append(
+            f"| {r['task']} | {r['version']} | {r['wall_s']} | {r['generate_s']:.1f} | "
+            f"{r['score_s']:.1f} | {r['search_s']:.1f} | {r['evidence_s']} | {r['units_per_s']} | "
+            f"{r['test_loglik']:.4f} | {metric} | {prompt} |"
+        )
+    for task in dict.fromkeys(r["task"] for r in rows):
+        walls = {r["version"]: r["wall_s"] for r in rows if r["task"] == task}
+        if len(walls) == 2:
+            before, after = walls.values()
+            lines.append(f"\n{task}: {before / after:.2f}x faster end to end.")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tasks", default=",".join(TASKS))
+    parser.add_argument("--before", default=BEFORE, help="git revision ('' to skip)")
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=OUT)
+    args = parser.parse_args(argv)
+    (args.out / "runs").mkdir(parents=True, exist_ok=True)
+    versions: list[tuple[str, Path | None]] = []
+    if args.before:
+        versions.append((f"before ({args.before})", install(args.before)))
+    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    versions.append((f"after ({head})", None))
+    rows = []
+    for task in args.tasks.split(","):
+        for version, path in versions:
+            tag = version.split()[0]
+            print(f"== {task} {version}", file=sys.stderr, flush=True)
+            repeats = [run_once(tag, path, task, args.out) for _ in range(args.repeats)]
+            row = median_row(repeats)
+            row["version"] = version
+            rows.append(row)
+    from ape.device import describe_machine, machine_line
+
+    text = table(rows, machine_line(describe_machine("cpu")))
+    (args.out / "summary.json").write_text(json.dumps(rows, indent=2) + "\n")
+    (args.out / "summary.md").write_text(text + "\n")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
