@@ -1,14 +1,24 @@
 """Text generation with a Hugging Face causal LM: batched, seeded, cut at stop strings.
 
-Separate from scoring: generation goes through the model's own `generate`, which manages its KV
-cache itself, so nothing here depends on the cache API.
+`generate` tokenizes and hands the tokens to ape/shared_generation.py, whose decoding loop runs
+each prompt once for all its samples and each shared prefix once for all its prompts.
+`reference_generate` is the model's own `generate` with `num_return_sequences`, which runs the
+prompt once per sample: kept as the reference the tests and benchmarks compare against.
 """
 
 from __future__ import annotations
 
+import re
+import secrets
 from collections.abc import Sequence
 
 import torch
+
+from ape.shared_generation import Sampling, Stop, first_stop, generate_tokens
+
+# A sentence end (as ape.search.proposal reads it): . ! or ?, any closing quotes, then whitespace.
+# As a stop, the text is cut before the quotes and whitespace, keeping the punctuation.
+SENTENCE_END = re.compile(r"(?<=[.!?])[\"'`”’]*\s")
 
 
 def generate(
@@ -21,12 +31,67 @@ def generate(
     top_p: float = 1.0,
     max_new_tokens: int = 32,
     seed: int | None = None,
-    stop: Sequence[str] | None = None,
-    batch_size: int = 16,
+    stop: Sequence[Stop] | None = None,
+    batch_size: int = 32,
 ) -> list[list[str]]:
     """`n` completions per prompt (greedy when temperature is 0), cut at the first `stop`.
 
-    A seed makes the samples reproducible without touching the caller's random state.
+    A stop is a string, or a compiled pattern (e.g. SENTENCE_END) cut at its match's start. A
+    seed makes the samples reproducible, whatever `batch_size` (rows decoded together), without
+    touching the caller's random state; without one, each call draws its own.
+    """
+    if not prompts:
+        return []
+    sampling = Sampling(
+        temperature=temperature,
+        top_p=top_p,
+        seed=secrets.randbits(63) if seed is None else int(seed),
+        max_new_tokens=max_new_tokens,
+        eos=eos_ids(model, tokenizer),
+        stop=tuple(stop or ()),
+    )
+    tokens = tokenize(tokenizer, prompts)
+    generated = generate_tokens(model, tokenizer, tokens, sampling, n=n, batch_rows=batch_size)
+    return [
+        [cut_at(text, stop) for text in tokenizer.batch_decode(samples, skip_special_tokens=True)]
+        for samples in generated
+    ]
+
+
+def tokenize(tokenizer, prompts: Sequence[str]) -> list[list[int]]:
+    """Each prompt's token ids as the model sees them; an empty prompt is BOS (or EOS) alone."""
+    ids = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    return [list(one) or [start] for one in ids]
+
+
+def eos_ids(model, tokenizer) -> frozenset[int]:
+    """The tokens that end a sample: the model's generation config's EOS and the tokenizer's."""
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if configured is None:
+        configured = []
+    elif isinstance(configured, int):
+        configured = [configured]
+    extra = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
+    return frozenset([*configured, *extra])
+
+
+def reference_generate(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    *,
+    n: int = 1,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    max_new_tokens: int = 32,
+    seed: int | None = None,
+    stop: Sequence[str] | None = None,
+    batch_size: int = 16,
+) -> list[list[str]]:
+    """`generate` through the model's own `generate` (`num_return_sequences`, left padding).
+
+    The reference for tests and benchmarks; its samples are seeded but differ from `generate`'s.
     """
     device = next(model.parameters()).device
     out: list[list[str]] = []
@@ -35,14 +100,16 @@ def generate(
             torch.manual_seed(seed)
         for start in range(0, len(prompts), batch_size):
             chunk = list(prompts[start : start + batch_size])
-            texts = _generate_chunk(
+            ids = reference_tokens(
                 model, tokenizer, chunk, n, temperature, top_p, max_new_tokens, stop
             )
+            texts = [cut_at(t, stop) for t in tokenizer.batch_decode(ids, skip_special_tokens=True)]
             out.extend(texts[i : i + n] for i in range(0, len(texts), n))
     return out
 
 
-def _generate_chunk(
+@torch.inference_mode()
+def reference_tokens(
     model,
     tokenizer,
     chunk: list[str],
@@ -50,9 +117,9 @@ def _generate_chunk(
     temperature: float,
     top_p: float,
     max_new_tokens: int,
-    stop: Sequence[str] | None,
-) -> list[str]:
-    """`n` completions per prompt of `chunk`, flat, prompt by prompt."""
+    stop: Sequence[str] | None = None,
+) -> torch.Tensor:
+    """The new tokens of `model.generate` for `chunk`: [prompts * n, new], prompt by prompt."""
     device = next(model.parameters()).device
     sample = temperature > 0
     # Left padding: generation continues from the right edge. Passed per call so the shared
@@ -73,10 +140,7 @@ def _generate_chunk(
         stop_strings=list(stop) if stop else None,
         tokenizer=tokenizer if stop else None,
     )
-    texts = tokenizer.batch_decode(
-        generated[:, enc["input_ids"].shape[1] :], skip_special_tokens=True
-    )
-    return [cut_at(t, stop) for t in texts]
+    return generated[:, enc["input_ids"].shape[1] :]
 
 
 def chat_prompt(tokenizer, message: str) -> str:
@@ -88,10 +152,7 @@ def chat_prompt(tokenizer, message: str) -> str:
     )
 
 
-def cut_at(text: str, stop: Sequence[str] | None) -> str:
-    """`text` up to its first occurrence of any of `stop`."""
-    for s in stop or ():
-        cut = text.find(s)
-        if cut >= 0:
-            text = text[:cut]
-    return text
+def cut_at(text: str, stop: Sequence[Stop] | None) -> str:
+    """`text` up to its first occurrence of any of `stop` (strings or compiled patterns)."""
+    cut = first_stop(text, stop or ())
+    return text if cut < 0 else text[:cut]

@@ -146,8 +146,10 @@ class HFLanguageModel:
         """Summed log-prob of each continuation given its context, in request order.
 
         With `return_counts`, also the continuation token counts (for the per-token mean).
-        With `soft_prefix` ([n, d_model] vectors in the input-embedding space), every request's
-        model input starts with those n vectors, then the context's tokens.
+        With `soft_prefix`, every request's model input starts with n virtual tokens, then the
+        context's tokens: [n, d_model] vectors in the input-embedding space (prompt tuning), or
+        [layers, 2, kv_heads, n, head_dim] keys (index 0) and values (1) per layer that every
+        position attends to as to a cached prefix (prefix tuning; the text starts at position n).
         """
         with torch.inference_mode():
             sums, counts = self.loglikelihood_tensor(requests, soft_prefix=soft_prefix)
@@ -176,10 +178,16 @@ class HFLanguageModel:
         max_new_tokens: int = 32,
         seed: int | None = None,
         chat: bool = False,
-        stop: Sequence[str] | None = None,
-        batch_size: int = 16,
+        stop: Sequence[hf_generate.Stop] | None = None,
+        batch_size: int = 32,
     ) -> list[list[str]]:
-        """`n` completions per prompt (greedy when temperature is 0), cut at the first `stop`."""
+        """`n` completions per prompt (greedy when temperature is 0), cut at the first `stop`.
+
+        Each prompt runs once for all its samples and prompts that share a prefix run it once
+        (see ape/shared_generation.py). A stop is a string or a compiled pattern (e.g.
+        `ape.hf_generate.SENTENCE_END`); `batch_size` is the rows decoded together. The same
+        seed gives the same texts, whatever the batch size.
+        """
         if chat:
             prompts = [self.chat_prompt(p) for p in prompts]
         return hf_generate.generate(

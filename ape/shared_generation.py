@@ -1,0 +1,344 @@
+"""Generation that shares its prompt: a hand-written decoding loop over a prefix-shared KV cache.
+
+`generate_tokens` returns, per prompt and sample, the generated token ids. How it saves work:
+
+1. Each distinct prompt runs once, however many samples it has; its KV is repeated over its
+   samples. Greedy decoding is deterministic, so a greedy prompt decodes one row, copied n times.
+2. Prompts are sorted by their tokens; runs sharing a long prefix (one instruction and demos
+   across many inputs) form groups by ape/packing.py's rule, and a group's prefix runs once.
+3. A batch holds the prompts of one or more groups. Its KV is laid out per row as
+   [group prefix, left-aligned and zero-padded | prompt suffix, left-padded | generated tokens];
+   an explicit attention mask hides the padding and position ids restart per row.
+4. A row is done at EOS, at the token cap, or when its text contains a stop string or matches a
+   stop pattern. Done rows leave the batch (the cache is compacted), and the batch ends when
+   no row is left: no step is spent on a finished sample.
+5. Sampling is inverse-CDF: token t of sample j of prompt i is picked with a uniform drawn by
+   numpy from the seed (seed, i, j). So the texts depend on the seed, the prompt and its index,
+   not on batching, n or the device, and the global RNG is never touched.
+
+Every KV-cache call goes through ape/kv_cache.py.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+import ape.kv_cache as kv_cache
+import ape.packing as packing
+from ape.kv_cache import LayerStates
+
+# A stop is a string (the text is cut before it) or a compiled pattern (cut at its match).
+Stop = str | re.Pattern
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How rows pick their next token. temperature 0 is greedy (top_p is then unused)."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+    max_new_tokens: int = 32
+    eos: frozenset[int] = frozenset()
+    stop: tuple[Stop, ...] = ()
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0
+
+
+@dataclass
+class Job:
+    """One distinct prompt: its tokens, its shared-prefix group, and its output rows."""
+
+    tokens: tuple[int, ...]
+    owners: list[int]  # the prompt indices with these tokens
+    group: int = -1
+    prefix_len: int = 0
+    rows: list[tuple[int, int]] = field(default_factory=list)  # (prompt index, sample) per row
+
+
+def first_stop(text: str, stop: Sequence[Stop]) -> int:
+    """Where `text` is cut: the start of its earliest stop string or pattern match, or -1."""
+    cut = -1
+    for s in stop:
+        if isinstance(s, str):
+            at = text.find(s)
+        else:
+            match = s.search(text)
+            at = match.start() if match else -1
+        if at >= 0 and (cut < 0 or at < cut):
+            cut = at
+    return cut
+
+
+def plan(
+    prompts: Sequence[Sequence[int]], n: int, greedy: bool, batch_rows: int
+) -> list[list[Job]]:
+    """Prompts -> jobs (distinct token sequences, grouped by shared prefix) -> batches of jobs.
+
+    A batch holds jobs in token order until it has `batch_rows` rows (at least one job).
+    """
+    by_tokens: dict[tuple[int, ...], Job] = {}
+    for i, tokens in enumerate(prompts):
+        key = tuple(tokens)
+        by_tokens.setdefault(key, Job(key, []))
+        by_tokens[key].owners.append(i)
+    jobs = sorted(by_tokens.values(), key=lambda job: job.tokens)
+    # The last prompt token always runs as a suffix: its logits pick the first new token.
+    rows = [packing.Row(job.tokens, first_scored=len(job.tokens) - 1) for job in jobs]
+    at = {row.tokens: job for row, job in zip(rows, jobs, strict=True)}
+    for g, group in enumerate(packing.group_rows(rows)):
+        for row in group.rows:
+            at[row.tokens].group, at[row.tokens].prefix_len = g, group.prefix_len
+    batches: list[list[Job]] = []
+    size = 0
+    for job in sorted(jobs, key=lambda job: (job.group, job.tokens)):
+        # Greedy rows of one prompt would be identical: one row serves every owner and sample.
+        owners = job.owners[:1] if greedy else job.owners
+        job.rows = [(i, j) for i in owners for j in range(1 if greedy else n)]
+        if not batches or size + len(job.rows) > batch_rows:
+            batches.append([])
+            size = 0
+        batches[-1].append(job)
+        size += len(job.rows)
+    return batches
+
+
+def uniforms(rows: Sequence[tuple[int, int]], sampling: Sampling) -> np.ndarray:
+    """[rows, max_new_tokens] uniforms in [0, 1), row (i, j) drawn from the seed (seed, i, j)."""
+    seed = sampling.seed % 2**64  # numpy seeds are non-negative
+    return np.stack(
+        [np.random.default_rng([seed, i, j]).random(sampling.max_new_tokens) for i, j in rows]
+    )
+
+
+def choose(
+    logits: torch.Tensor, u: torch.Tensor | None, temperature: float, top_p: float, head: int = 256
+) -> torch.Tensor:
+    """The next token per row: argmax when greedy, else the inverse-CDF draw at uniform `u`.
+
+    The distribution is that of `model.generate`'s sampling: softmax(logits / temperature),
+    restricted to the nucleus (the most likely tokens before which less than `top_p` mass lies,
+    at least one) and renormalized. Sorting the vocabulary costs as much as a model step on a
+    CPU, so only the `head` most likely tokens are sorted, unless they hold less than `top_p`.
+    """
+    if temperature <= 0 or u is None:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    u = u.to(probs.device, probs.dtype)
+    if top_p >= 1.0:  # no nucleus: the vocabulary's own order will do
+        return draw(probs, None, u)
+    sorted_p, order = probs.topk(min(head, probs.shape[-1]), dim=-1)
+    tokens = draw(nucleus_mask(sorted_p, top_p), order, u)
+    short = sorted_p.sum(-1) < top_p  # a flat row: its nucleus reaches past the head
+    if bool(short.any()):
+        sorted_p, order = probs[short].sort(dim=-1, descending=True)
+        tokens[short] = draw(nucleus_mask(sorted_p, top_p), order, u[short])
+    return tokens
+
+
+def draw(probs: torch.Tensor, order: torch.Tensor | None, u: torch.Tensor) -> torch.Tensor:
+    """Per row, the token at which the cumulative mass of `probs` first exceeds `u` of it."""
+    cum = probs.cumsum(-1)
+    k = torch.searchsorted(cum, u[:, None] * cum[:, -1:], right=True)
+    # A target rounded up to the total would land past the end: take the last possible token.
+    last = probs.shape[-1] - 1 - (probs > 0).flip(-1).int().argmax(-1, keepdim=True)
+    k = torch.minimum(k, last)
+    return (k if order is None else order.gather(-1, k)).squeeze(-1)
+
+
+def nucleus_mask(sorted_p: torch.Tensor, top_p: float) -> torch.Tensor:
+    """`sorted_p` (descending per row) with the tokens outside the nucleus set to zero."""
+    keep = (sorted_p.cumsum(-1) - sorted_p) < top_p
+    keep[:, 0] = True
+    return sorted_p * keep
+
+
+def logits_of(model, hidden: torch.Tensor) -> torch.Tensor:
+    """Hidden states to fp32 vocabulary logits, as the model's own head would (softcap too)."""
+    logits = model.get_output_embeddings()(hidden).float()
+    cap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
+def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean [batch, query, key] pattern as the additive [batch, 1, query, key] mask."""
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+    return mask[:, None]
+
+
+def prefix_state(model, tokens: Sequence[int]) -> LayerStates:
+    """Per layer, the (keys, values) of `tokens` run alone from position 0: [1, heads, n, dim]."""
+    device = next(model.parameters()).device
+    ids = torch.tensor([list(tokens)], device=device)
+    positions = torch.arange(len(tokens), device=device)[None]
+    _, cache = kv_cache.run(model.base_model, input_ids=ids, position_ids=positions, use_cache=True)
+    return kv_cache.layer_states(cache)
+
+
+@dataclass
+class Decoding:
+    """The live rows of one batch: their cache and what the next step needs."""
+
+    cache: object  # a DynamicCache, built and read through ape/kv_cache.py
+    valid: torch.Tensor  # [rows, cache slots] bool: the slots each row attends to
+    position: torch.Tensor  # [rows] the position of each row's next input token
+    logits: torch.Tensor  # [rows, vocab] fp32: each row's next-token logits
+    rows: torch.Tensor  # [rows] each live row's index in the batch's row list
+
+    def select(self, model, keep: torch.Tensor) -> Decoding:
+        """The rows at `keep` (indices into the live rows, repeats allowed)."""
+        return Decoding(
+            kv_cache.select_rows(model.config, self.cache, keep),
+            self.valid[keep],
+            self.position[keep],
+            self.logits[keep],
+            self.rows[keep],
+        )
+
+
+def prefill(model, jobs: list[Job], states: dict[int, LayerStates], pad_id: int) -> Decoding:
+    """Run each job's prompt suffix once, after its group's prefix state; one row per job."""
+    device = next(model.parameters()).device
+    width_p = max(job.prefix_len for job in jobs)
+    suffixes = [job.tokens[job.prefix_len :] for job in jobs]
+    width_s = max(len(s) for s in suffixes)
+    ids = torch.full((len(jobs), width_s), pad_id, dtype=torch.long)
+    positions = torch.zeros((len(jobs), width_s), dtype=torch.long)
+    valid = torch.zeros((len(jobs), width_p + width_s), dtype=torch.bool)
+    for p, (job, suffix) in enumerate(zip(jobs, suffixes, strict=True)):
+        start = width_s - len(suffix)  # left padding: every prompt ends at the last slot
+        ids[p, start:] = torch.tensor(suffix)
+        positions[p, start:] = torch.arange(job.prefix_len, len(job.tokens))
+        valid[p, : job.prefix_len] = True
+        valid[p, width_p + start :] = True
+    causal = torch.ones(width_s, width_s, dtype=torch.bool).tril()
+    # Pads also see themselves, which keeps their softmax finite; nothing reads them.
+    own = (valid[:, None, width_p:] & causal) | torch.eye(width_s, dtype=torch.bool)
+    allowed = torch.cat([valid[:, None, :width_p].expand(-1, width_s, -1), own], dim=-1)
+    cache = None
+    if width_p:
+        prefixes = [states[job.group] if job.prefix_len else None for job in jobs]
+        cache = kv_cache.padded_cache(model.config, prefixes, width_p)
+    out, cache = kv_cache.run(
+        model.base_model,
+        cache=cache,
+        input_ids=ids.to(device),
+        position_ids=positions.to(device),
+        attention_mask=additive_mask(allowed.to(device), model.dtype),
+        use_cache=True,
+    )
+    one_row = Decoding(
+        cache,
+        valid.to(device),
+        torch.tensor([len(job.tokens) for job in jobs], device=device),
+        logits_of(model, out.last_hidden_state[:, -1]),
+        torch.arange(len(jobs), device=device),
+    )
+    # Each prompt's KV, repeated over its rows (its samples); rows are numbered afresh.
+    per_row = torch.tensor([p for p, job in enumerate(jobs) for _ in job.rows], device=device)
+    state = one_row.select(model, per_row)
+    state.rows = torch.arange(len(per_row), device=device)
+    return state
+
+
+def step(model, state: Decoding, tokens: torch.Tensor) -> None:
+    """Feed one token per live row; `state` then holds the logits for the token after it."""
+    live = len(tokens)
+    state.valid = torch.cat([state.valid, state.valid.new_ones(live, 1)], dim=1)
+    out, state.cache = kv_cache.run(
+        model.base_model,
+        cache=state.cache,
+        input_ids=tokens[:, None],
+        position_ids=state.position[:, None],
+        attention_mask=additive_mask(state.valid[:, None], model.dtype),
+        use_cache=True,
+    )
+    state.position = state.position + 1
+    state.logits = logits_of(model, out.last_hidden_state[:, -1])
+
+
+def decode(
+    model, tokenizer, state: Decoding, sampling: Sampling, u: torch.Tensor | None
+) -> list[list[int]]:
+    """Decode every row of `state` until it is done; the new tokens per row (EOS left out)."""
+    out: list[list[int]] = [[] for _ in range(len(state.rows))]
+    for t in range(sampling.max_new_tokens):
+        rows = state.rows.tolist()
+        draws = None if u is None else u[state.rows, t]
+        picked = choose(state.logits, draws, sampling.temperature, sampling.top_p)
+        done = finished(tokenizer, out, rows, picked.tolist(), sampling)
+        live = [b for b, d in enumerate(done) if not d]
+        if not live or t + 1 == sampling.max_new_tokens:
+            break
+        if len(live) < len(rows):
+            # Done rows leave the batch: no later step computes them.
+            state = state.select(model, torch.tensor(live, device=picked.device))
+            picked = picked[live]
+        step(model, state, picked)
+    return out
+
+
+def finished(
+    tokenizer, out: list[list[int]], rows: list[int], picked: list[int], sampling: Sampling
+) -> list[bool]:
+    """Append each live row's token to `out`; per live row, whether it is now done."""
+    done = []
+    for row, token in zip(rows, picked, strict=True):
+        if token in sampling.eos:
+            done.append(True)
+            continue
+        out[row].append(token)
+        done.append(len(out[row]) >= sampling.max_new_tokens)
+    if sampling.stop:
+        check = [b for b, d in enumerate(done) if not d]
+        texts = tokenizer.batch_decode([out[rows[b]] for b in check], skip_special_tokens=True)
+        for b, text in zip(check, texts, strict=True):
+            done[b] = first_stop(text, sampling.stop) >= 0
+    return done
+
+
+def generate_tokens(
+    model,
+    tokenizer,
+    prompts: Sequence[Sequence[int]],
+    sampling: Sampling,
+    *,
+    n: int = 1,
+    batch_rows: int = 32,
+) -> list[list[list[int]]]:
+    """Per prompt, `n` samples of new token ids (EOS left out; a stop's token kept).
+
+    Token lists go in as they are (no special tokens added); each must be non-empty.
+    """
+    device = next(model.parameters()).device
+    result: list[list[list[int]]] = [[[] for _ in range(n)] for _ in prompts]
+    if sampling.max_new_tokens <= 0 or n <= 0:
+        return result
+    states: dict[int, LayerStates] = {}
+    with torch.inference_mode():
+        for jobs in plan(prompts, n, sampling.greedy, batch_rows):
+            for job in jobs:
+                if job.prefix_len and job.group not in states:
+                    states[job.group] = prefix_state(model, job.tokens[: job.prefix_len])
+            rows = [row for job in jobs for row in job.rows]
+            u = None if sampling.greedy else torch.from_numpy(uniforms(rows, sampling)).to(device)
+            state = prefill(model, jobs, states, tokenizer.pad_token_id)
+            new_tokens = decode(model, tokenizer, state, sampling, u)
+            for (i, j), tokens in zip(rows, new_tokens, strict=True):
+                result[i][j] = tokens
+            if sampling.greedy:  # one row served every owner and sample
+                for job in jobs:
+                    first = result[job.owners[0]][0]
+                    for i in job.owners:
+                        result[i] = [list(first) for _ in range(n)]
+    return result
