@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import weakref
 from collections.abc import Sequence
 
 import torch
@@ -21,6 +22,9 @@ from transformers import DynamicCache
 
 # Per layer, the (keys, values) of a prefix: [batch, heads, tokens, head_dim] each.
 LayerStates = list[tuple[torch.Tensor, torch.Tensor]]
+# (layers, kv_heads, head_dim): the shape of a model's cache, and so of a key/value prefix.
+KVShape = tuple[int, int, int]
+_SHAPES: weakref.WeakKeyDictionary[torch.nn.Module, KVShape] = weakref.WeakKeyDictionary()
 
 
 @functools.cache
@@ -101,3 +105,42 @@ def select_rows(config, cache, rows: torch.Tensor) -> DynamicCache:
     return build_cache(
         config, [(k.index_select(0, rows), v.index_select(0, rows)) for k, v in layer_states(cache)]
     )
+
+
+def kv_shape(model: torch.nn.Module) -> KVShape:
+    """(layers, kv_heads, head_dim) of `model`'s KV cache, read from one probe forward pass.
+
+    A key/value prefix (prefix tuning) is, per layer, keys and values of [kv_heads, n, head_dim]
+    that every position attends to. A model whose cache is not laid out so (sliding-window or
+    other non-global layers, shapes that differ between layers or between keys and values, a
+    state that is no per-layer KV cache) gets one ValueError line.
+    """
+    if model in _SHAPES:
+        return _SHAPES[model]
+    config = model.config.get_text_config()
+    name = type(model).__name__
+    kinds = sorted(set(getattr(config, "layer_types", None) or []) - {"full_attention"})
+    if kinds:  # a window or a shared KV would cut the prefix off some layers' view
+        raise ValueError(f"{name} has {', '.join(kinds)} layers; {_NEEDS}")
+    try:
+        with torch.no_grad():
+            probe = torch.zeros(1, 1, dtype=torch.long, device=next(model.parameters()).device)
+            _, cache = run(model.base_model, input_ids=probe, use_cache=True)
+            states = layer_states(cache)
+    except (TypeError, AttributeError, KeyError) as err:
+        raise ValueError(f"{name}'s cache could not be read ({err}); {_NEEDS}") from None
+    shapes = {(tuple(k.shape), tuple(v.shape)) for k, v in states}
+    layers = int(getattr(config, "num_hidden_layers", len(states)))
+    if len(shapes) != 1 or len(states) != layers:
+        raise ValueError(f"{name}'s cache holds {len(states)} layers of shapes {shapes}; {_NEEDS}")
+    ((keys, values),) = shapes
+    if keys != values or len(keys) != 4 or keys[2] != 1:
+        raise ValueError(f"{name}'s cache holds keys {keys} and values {values}; {_NEEDS}")
+    _SHAPES[model] = (len(states), keys[1], keys[3])
+    return _SHAPES[model]
+
+
+_NEEDS = (
+    "a key/value prefix needs a decoder whose every layer caches keys and values of one shape "
+    "[kv_heads, tokens, head_dim]"
+)

@@ -1,8 +1,9 @@
 """Scoring prompts that carry a vector prefix: each goes to the model after its vectors.
 
-`PrefixedModel` hands the vectors to `HFLanguageModel.loglikelihood(soft_prefix=...)`, so they
-take the exact, prefix-reusing path of text prompts. `score_prompts` is `evaluator.score` for a
-mix of plain and prefixed prompts: the plain ones in one call, each prefix in a call of its own.
+`PrefixedModel` hands the vectors (input embeddings, or per-layer keys and values) to
+`HFLanguageModel.loglikelihood(soft_prefix=...)`, so they take the exact, prefix-reusing path of
+text prompts. `score_prompts` is `evaluator.score` for a mix of plain and prefixed prompts: the
+plain ones in one call, each prefix in a call of its own.
 """
 
 from __future__ import annotations
@@ -12,17 +13,31 @@ from typing import Any
 
 import numpy as np
 
+from ape.kv_cache import kv_shape
 from ape.prompt import Prompt, VectorPrefix
 from ape.task import Example
 
 
-def check_width(prefix: VectorPrefix, lm: Any) -> None:
-    """Refuse vectors made for another model (the width must match; the name should)."""
-    width = lm.model.get_input_embeddings().weight.shape[1]
-    if prefix.vectors is not None and prefix.vectors.shape[1] != width:
+def check_fits(prefix: VectorPrefix, lm: Any) -> None:
+    """Refuse vectors made for another model, in one line: embeddings must have the model's
+    width; a key/value prefix its layers, KV heads and head size (ape.kv_cache.kv_shape)."""
+    if prefix.vectors is None:
+        return
+    made_for = f"made for model {prefix.model!r}" if prefix.model else "made for another model"
+    if prefix.kind == "embeddings":
+        width = lm.model.get_input_embeddings().weight.shape[1]
+        if prefix.vectors.shape[1] != width:
+            raise ValueError(
+                f"the soft prompt has {prefix.vectors.shape[1]}-dim vectors ({made_for}); "
+                f"model {lm.name!r} takes {width}"
+            )
+        return
+    layers, heads, dim = kv_shape(lm.model)  # raises for a cache layout it cannot take
+    got = tuple(prefix.vectors.shape)
+    if (got[0], got[2], got[4]) != (layers, heads, dim):
         raise ValueError(
-            f"the soft prompt has {prefix.vectors.shape[1]}-dim vectors (model "
-            f"{prefix.model!r}); model {lm.name!r} takes {width}"
+            f"the key/value prefix has {got[0]} layers x {got[2]} KV heads x {got[4]} dims "
+            f"({made_for}); model {lm.name!r} has {layers} x {heads} x {dim}"
         )
 
 
@@ -30,7 +45,7 @@ class PrefixedModel:
     """A view of `lm` whose every request starts with `prefix`'s vectors."""
 
     def __init__(self, lm: Any, prefix: VectorPrefix):
-        check_width(prefix, lm)
+        check_fits(prefix, lm)
         self.lm = lm
         self.prefix = prefix
         self.name = lm.name

@@ -9,7 +9,8 @@ call goes through ape/kv_cache.py. The steps:
 2. Suffixes run packed side by side; only the scored positions are projected to the vocabulary.
 3. Batches are capped by a token budget that halves on out-of-memory instead of crashing.
 
-A soft prompt's KV is computed once per call and every prefix and suffix attends to it.
+A soft prompt's KV is computed once per call (a key/value prefix is that KV already) and every
+prefix and suffix attends to it.
 """
 
 from __future__ import annotations
@@ -47,9 +48,13 @@ class PackedScorer:
         return next(self.model.parameters()).device
 
     def score(self, pairs: Pairs, soft_prefix: torch.Tensor | None = None) -> torch.Tensor:
-        """Summed continuation log-prob per pair, float64, in pair order (differentiable)."""
+        """Summed continuation log-prob per pair, float64, in pair order (differentiable).
+
+        `soft_prefix`: [n, d_model] input embeddings, or [layers, 2, kv_heads, n, head_dim] keys
+        and values (a key/value prefix); either takes the first n positions.
+        """
         soft = None if soft_prefix is None else self.soft_state(soft_prefix)
-        offset = 0 if soft_prefix is None else int(soft_prefix.shape[0])
+        offset = 0 if soft is None else int(soft[0][0].shape[2])
         rows = packing.make_rows(pairs, context_window(self.model), offset)
         groups = packing.group_rows(rows)
         prefixes = self.prefix_states(groups, soft)
@@ -66,7 +71,10 @@ class PackedScorer:
         return sums
 
     def soft_state(self, soft_prefix: torch.Tensor) -> LayerStates:
-        """Per layer, the (keys, values) of the soft prefix, [1, heads, n, dim]: run once."""
+        """Per layer, the (keys, values) of the soft prefix, [1, heads, n, dim]: embeddings run
+        once; a key/value prefix is its own state, laid into the cache as a text prefix's is."""
+        if soft_prefix.ndim == 5:
+            return self.kv_state(soft_prefix)
         if soft_prefix.ndim != 2 or soft_prefix.shape[0] == 0:
             raise ValueError(f"a soft prefix is [n > 0, d_model], got {tuple(soft_prefix.shape)}")
         embeds = soft_prefix.to(self.device, self.model.dtype)[None]
@@ -75,6 +83,21 @@ class PackedScorer:
             self.model.base_model, inputs_embeds=embeds, position_ids=positions, use_cache=True
         )
         return kv_cache.layer_states(cache)
+
+    def kv_state(self, kv: torch.Tensor) -> LayerStates:
+        """[layers, 2, kv_heads, n, head_dim] keys (0) and values (1) as per-layer states.
+
+        The keys enter the cache as they are: like a text prefix's cached keys, they are taken
+        as already rotated, and the text after them starts at position n (as PEFT does).
+        """
+        layers, heads, dim = kv_cache.kv_shape(self.model)
+        if tuple(kv.shape[:3]) != (layers, 2, heads) or kv.shape[4] != dim or not kv.shape[3]:
+            raise ValueError(
+                f"a key/value prefix for this model is [{layers}, 2, {heads}, n > 0, {dim}], "
+                f"got {tuple(kv.shape)}"
+            )
+        kv = kv.to(self.device, self.model.dtype)
+        return [(kv[i, 0][None], kv[i, 1][None]) for i in range(layers)]
 
     def prefix_states(self, groups: list[Group], soft: LayerStates | None = None) -> PrefixStates:
         """Per group, per layer: the (keys, values) of its shared prefix, [1, heads, prefix, dim].
