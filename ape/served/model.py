@@ -84,7 +84,7 @@ class OpenAICompatibleModel:
     device = "cpu"  # where worker processes of a served model run: their model is the server
 
     def __init__(self, model: str, base_url: str, *, concurrency: int = 8, **client_options):
-        self.model = model
+        self.model_id = model  # not `model`: ape reads that as a torch module
         self.base_url = base_url.rstrip("/")
         self.name = f"{PREFIX}{model}@{self.base_url}"
         self.label = f"{PREFIX}{model}"
@@ -93,7 +93,6 @@ class OpenAICompatibleModel:
         )
         self.tokenizer = TokenCounter()
         self._scoring: Scoring | None = None
-        self._honours_n: bool | None = None  # learnt from the first sampled answer
 
     @classmethod
     def from_spec(cls, spec: str, **options) -> OpenAICompatibleModel:
@@ -111,7 +110,7 @@ class OpenAICompatibleModel:
     def scoring(self) -> Scoring:
         """How this server scores, found and probed once; ServedModelError if it cannot."""
         if self._scoring is None:
-            found, failures = detect_scoring(self.client, self.model)
+            found, failures = detect_scoring(self.client, self.model_id)
             if found is None:
                 raise ServedModelError(
                     f"{self.name} is refused for scoring: the server returns no prompt log-probs "
@@ -174,8 +173,10 @@ class OpenAICompatibleModel:
         greedy = settings["temperature"] == 0
         texts: list[str] = []
         while len(texts) < (1 if greedy else n):
-            want = 1 if greedy or self._honours_n is False else n - len(texts)
-            body = {"model": self.model, "n": want, **settings}
+            # Always the rest, never what earlier answers taught: the same call sends the same
+            # requests in any process, so a resumed run's requests are the ones it would send.
+            want = 1 if greedy else n - len(texts)
+            body = {"model": self.model_id, "n": want, **settings}
             if seed is not None:
                 body["seed"] = (seed + len(texts)) % 2**31  # each ask a seed of its own
             if chat:
@@ -186,8 +187,6 @@ class OpenAICompatibleModel:
             got = [_cut(_text(c, chat), stop) for c in answer.get("choices") or []][:want]
             if not got:
                 raise ServedModelError(f"the server at {self.base_url} answered no choices")
-            if want > 1:
-                self._honours_n = len(got) == want
             completion = int((answer.get("usage") or {}).get("completion_tokens") or 0)
             if completion:  # else the budget charges the byte count, an upper bound
                 self.tokenizer.remember(got, completion)
