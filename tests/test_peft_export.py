@@ -85,7 +85,7 @@ def test_a_trained_prefix_round_trips(tiny_lm, tmp_path, single_thread):
         evaluator="choice",
         progress=False,
         mode="prefix",
-        prefix_mlp=True,
+        encoder="mlp",
         steps=2,
         eval_every=1,
     )

@@ -101,9 +101,9 @@ def _optimize(tiny_lm, **options):
     )
 
 
-@pytest.mark.parametrize("mlp", [False, True])
-def test_prefix_mode_trains_a_kv_prefix_from_the_text(tiny_lm, tmp_path, single_thread, mlp):
-    result = _optimize(tiny_lm, mode="prefix", prefix_mlp=mlp, init_text="Is it good or bad?")
+@pytest.mark.parametrize("encoder", ["none", "mlp"])
+def test_prefix_mode_trains_a_kv_prefix_from_the_text(tiny_lm, tmp_path, single_thread, encoder):
+    result = _optimize(tiny_lm, mode="prefix", encoder=encoder, init_text="Is it good or bad?")
     extras = result.extras["soft_prompt"]
     start = next(e for e in result.leaderboard if e.origin == "soft: initial prompt")
     text_score = ape.evaluate(
@@ -134,7 +134,7 @@ def test_ptuning_encoders_write_the_vectors(tiny_lm, single_thread, encoder):
 
 def test_same_seed_same_prefix(tiny_lm, single_thread):
     def label(seed: int) -> str:
-        result = _optimize(tiny_lm, mode="prefix", prefix_mlp=True, seed=seed, init="random")
+        result = _optimize(tiny_lm, mode="prefix", encoder="mlp", seed=seed, init="random")
         return result.extras["soft_prompt"]["checkpoints"][-1]["label"]
 
     assert label(5) == label(5)

@@ -19,8 +19,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-ENCODERS = ("mlp", "lstm")
-
 
 class Direct(nn.Module):
     """The vectors are the parameters."""
@@ -76,8 +74,8 @@ class PromptEncoder(nn.Module):
 
     def __init__(self, start: torch.Tensor, kind: str, hidden: int):
         super().__init__()
-        if kind not in ENCODERS:
-            raise ValueError(f"encoder must be one of {', '.join(ENCODERS)}, not {kind!r}")
+        if kind not in ("mlp", "lstm"):
+            raise ValueError(f"a prompt encoder is 'mlp' or 'lstm', not {kind!r}")
         width = start.shape[1]
         self.register_buffer("start", start.clone())
         self.inputs = nn.Parameter(start.clone())

@@ -7,7 +7,7 @@ Modes (`--mode`):
   every checkpoint is a sequence of real tokens.
 - `prefix`: prefix tuning / P-tuning v2 (Li & Liang 2021; Liu et al. 2022): per layer n keys and
   values, shaped for the model's KV heads (GQA), fed to the scorer's KV-prefix path; optionally
-  reparameterized through an MLP while training (`--prefix-mlp`), keeping only the key/values.
+  reparameterized through an MLP while training (`--encoder mlp`), keeping only the key/values.
 - `ptuning`: P-tuning (Liu et al. 2021): an MLP or bidirectional-LSTM prompt encoder writes the
   n input-embedding vectors; trained end to end, its output is what is kept.
 
@@ -33,7 +33,7 @@ from typing import ClassVar
 import numpy as np
 import torch
 from ape.search.base import non_negative, option, positive
-from ape.search.soft.encoders import ENCODERS, Direct, PrefixMLP, PromptEncoder, ScaledKV
+from ape.search.soft.encoders import Direct, PrefixMLP, PromptEncoder, ScaledKV
 from ape.search.soft.init import INITS, embedding_table, initial_kv, initial_vectors
 from ape.search.soft.prompt import nearest_tokens
 from ape.search.soft.training import Checkpoints, balanced_batches, frozen
@@ -45,6 +45,13 @@ from ape.objective import Objective
 from ape.prompt import Prompt
 
 MODES = ("continuous", "pez", "prefix", "ptuning")
+# Per mode, the encoders it takes: "" (not given) stands for the one after it.
+ENCODERS = {
+    "continuous": ("", "none"),
+    "pez": ("", "none"),
+    "prefix": ("", "none", "mlp"),
+    "ptuning": ("", "mlp", "lstm"),
+}
 DEFAULT_INIT_TEXT = "Read the input and give the right output."
 # Per mode, AdamW's learning rate when --lr is not given (chosen on SST-2 only).
 DEFAULT_LR = {"continuous": 0.01, "pez": 0.01, "prefix": 0.05, "ptuning": 0.001}
@@ -80,12 +87,13 @@ class SoftPromptSearcher:
         "choice evaluator, 'Answer with one word: W1, W2 or W3.' naming the label words; else "
         f"{DEFAULT_INIT_TEXT!r})",
     )
-    prefix_mlp: bool = option(
-        False,
-        "mode 'prefix': train the keys and values through an MLP from n smaller vectors (Li & "
-        "Liang's reparameterization); only the resulting keys and values are kept",
+    encoder: str = option(
+        "",
+        "what writes the vectors while training: 'none' (they are the parameters), 'mlp' (mode "
+        "prefix: Li & Liang's MLP from n smaller vectors to every layer's keys and values; mode "
+        "ptuning: P-tuning's MLP encoder) or 'lstm' (ptuning: a bidirectional LSTM and an MLP "
+        "head); only its output is kept (default: 'mlp' for ptuning, 'none' otherwise)",
     )
-    encoder: str = option("mlp", "mode 'ptuning': the prompt encoder, 'mlp' or 'lstm'")
     encoder_hidden: int = option(256, "hidden size of the prompt encoder or the prefix MLP")
     lr: float | None = option(
         None,
@@ -113,10 +121,15 @@ class SoftPromptSearcher:
         for name, value, allowed in [
             ("init", self.init, INITS),
             ("mode", self.mode, MODES),
-            ("encoder", self.encoder, ENCODERS),
+            (f"encoder for mode {self.mode!r}", self.encoder, ENCODERS.get(self.mode, ())),
         ]:
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}, not {value!r}")
+
+    @property
+    def encoder_used(self) -> str:
+        """The encoder in effect: the one given, else the mode's first ('mlp' for ptuning)."""
+        return self.encoder or ENCODERS[self.mode][1]
 
     def search(self, objective: Objective) -> None:
         lm = objective.lm
@@ -165,11 +178,12 @@ class SoftPromptSearcher:
     def _parameters(self, lm, start: torch.Tensor) -> torch.nn.Module:
         """The trained module for the mode, starting at `start` ([n, d_model] embeddings)."""
         if self.mode == "ptuning":
-            return PromptEncoder(start, self.encoder, self.encoder_hidden)
+            return PromptEncoder(start, self.encoder_used, self.encoder_hidden)
         if self.mode != "prefix":
             return Direct(start)
         kv = initial_kv(lm, start)
-        return PrefixMLP(kv, start, self.encoder_hidden) if self.prefix_mlp else ScaledKV(kv)
+        mlp = self.encoder_used == "mlp"
+        return PrefixMLP(kv, start, self.encoder_hidden) if mlp else ScaledKV(kv)
 
     def _used(self, vectors: torch.Tensor, table: torch.Tensor | None, lm) -> torch.Tensor:
         """What the model sees: the vectors, or (PEZ) their nearest tokens' embeddings with the
@@ -188,10 +202,9 @@ class SoftPromptSearcher:
             "lr": lr,
             "batch_size": self.batch_size,
         }
-        if self.mode == "ptuning":
-            info.update(encoder=self.encoder, encoder_hidden=self.encoder_hidden)
-        if self.mode == "prefix":
-            info.update(prefix_mlp=self.prefix_mlp)
+        info.update(encoder=self.encoder_used)
+        if self.encoder_used != "none":
+            info.update(encoder_hidden=self.encoder_hidden)
         return info
 
     @classmethod
