@@ -118,8 +118,12 @@ def reference_tokens(
     top_p: float,
     max_new_tokens: int,
     stop: Sequence[str] | None = None,
+    **generate_kwargs,
 ) -> torch.Tensor:
-    """The new tokens of `model.generate` for `chunk`: [prompts * n, new], prompt by prompt."""
+    """The new tokens of `model.generate` for `chunk`: [prompts * n, new], prompt by prompt.
+
+    `generate_kwargs` go to `model.generate` as they are (e.g. min_new_tokens).
+    """
     device = next(model.parameters()).device
     sample = temperature > 0
     # Left padding: generation continues from the right edge. Passed per call so the shared
@@ -139,6 +143,7 @@ def reference_tokens(
         pad_token_id=tokenizer.pad_token_id,
         stop_strings=list(stop) if stop else None,
         tokenizer=tokenizer if stop else None,
+        **generate_kwargs,
     )
     return generated[:, enc["input_ids"].shape[1] :]
 

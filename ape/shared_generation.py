@@ -32,6 +32,8 @@ import ape.kv_cache as kv_cache
 import ape.packing as packing
 from ape.kv_cache import LayerStates
 
+# Sharing a prefix costs a pass of its own; below this many tokens saved, prompts run whole.
+MIN_SAVED_TOKENS = 64
 # A stop is a string (the text is cut before it) or a compiled pattern (cut at its match).
 Stop = str | re.Pattern
 
@@ -176,13 +178,48 @@ def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return mask[:, None]
 
 
-def prefix_state(model, tokens: Sequence[int]) -> LayerStates:
-    """Per layer, the (keys, values) of `tokens` run alone from position 0: [1, heads, n, dim]."""
+def prefix_states(model, prefixes: Sequence[Sequence[int]]) -> list[LayerStates]:
+    """Per prefix, per layer, its (keys, values) from position 0: [1, heads, n, dim]; one pass.
+
+    Right padding needs no mask: under the causal mask a prefix's tokens never see the pads
+    after them.
+    """
     device = next(model.parameters()).device
-    ids = torch.tensor([list(tokens)], device=device)
-    positions = torch.arange(len(tokens), device=device)[None]
-    _, cache = kv_cache.run(model.base_model, input_ids=ids, position_ids=positions, use_cache=True)
-    return kv_cache.layer_states(cache)
+    width = max(len(p) for p in prefixes)
+    ids = torch.zeros((len(prefixes), width), dtype=torch.long)
+    for b, tokens in enumerate(prefixes):
+        ids[b, : len(tokens)] = torch.tensor(list(tokens))
+    positions = torch.arange(width, device=device).expand(len(prefixes), -1)
+    _, cache = kv_cache.run(
+        model.base_model, input_ids=ids.to(device), position_ids=positions, use_cache=True
+    )
+    layers = kv_cache.layer_states(cache)
+    return [
+        [(k[b : b + 1, :, : len(p)], v[b : b + 1, :, : len(p)]) for k, v in layers]
+        for b, p in enumerate(prefixes)
+    ]
+
+
+def share_prefixes(model, jobs: list[Job], states: dict[int, LayerStates]) -> None:
+    """Compute the batch's missing group prefixes in one pass, if that saves enough.
+
+    A pass costs about as much as MIN_SAVED_TOKENS positions of a batched pass (on a CPU, the
+    weights are read once per pass), so when the prompts would recompute fewer prefix tokens
+    than that, the batch's new groups run whole, as suffixes, instead (their prefix_len set to 0).
+    """
+    todo = {job.group: job.tokens[: job.prefix_len] for job in jobs if job.prefix_len}
+    todo = {g: prefix for g, prefix in todo.items() if g not in states}
+    if not todo:
+        return
+    saved = sum(len(todo[job.group]) for job in jobs if job.group in todo) - sum(
+        len(p) for p in todo.values()
+    )
+    if saved < MIN_SAVED_TOKENS:
+        for job in jobs:
+            if job.group in todo:
+                job.prefix_len = 0
+        return
+    states.update(zip(todo, prefix_states(model, list(todo.values())), strict=True))
 
 
 @dataclass
@@ -327,9 +364,7 @@ def generate_tokens(
     states: dict[int, LayerStates] = {}
     with torch.inference_mode():
         for jobs in plan(prompts, n, sampling.greedy, batch_rows):
-            for job in jobs:
-                if job.prefix_len and job.group not in states:
-                    states[job.group] = prefix_state(model, job.tokens[: job.prefix_len])
+            share_prefixes(model, jobs, states)
             rows = [row for job in jobs for row in job.rows]
             u = None if sampling.greedy else torch.from_numpy(uniforms(rows, sampling)).to(device)
             state = prefill(model, jobs, states, tokenizer.pad_token_id)
@@ -341,4 +376,6 @@ def generate_tokens(
                     first = result[job.owners[0]][0]
                     for i in job.owners:
                         result[i] = [list(first) for _ in range(n)]
+            # Batches go in group order: only the last group can continue in the next batch.
+            states = {g: st for g, st in states.items() if g == jobs[-1].group}
     return result

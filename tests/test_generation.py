@@ -18,7 +18,8 @@ import ape.hf_generate as hf_generate
 import ape.shared_generation as sg
 from ape.hf_generate import SENTENCE_END, cut_at
 
-DEMOS = "Input: hot\nOutput: cold\n\nInput: up\nOutput: down\n\nInput: wet\nOutput: dry\n\n"
+PAIRS = [("hot", "cold"), ("up", "down"), ("wet", "dry"), ("old", "new")]
+DEMOS = "".join(f"Input: {a}\nOutput: {b}\n\n" for a, b in PAIRS)
 # Three share a long few-shot prefix (one group), one shares nothing, two are one token long.
 PROMPTS = [
     f"Write the opposite word.\n\n{DEMOS}Input: {word}\nOutput:" for word in ("big", "fast", "on")
@@ -170,26 +171,40 @@ def test_temperature_and_top_p_are_applied(tiny_lm, single_thread):
 
 # ------------------------------------------------------------------------------ stopping
 def test_rows_stop_at_stop_strings_and_leave_the_batch(tiny_lm, single_thread):
-    free = ours(tiny_lm, PROMPTS[:2], greedy(tiny_lm, 12))
-    first_texts = [tiny_lm.tokenizer.decode(s[0][:2]) for s in free]
-    stop = first_texts[0][-1]  # a character of prompt 0's second new token
+    prompts = PROMPTS[3:5]  # no shared prefix: one prefill pass, then one pass per step
+    free = ours(tiny_lm, prompts, greedy(tiny_lm, 12))
+    assert [len(s[0]) for s in free] == [12, 12]
+    stop = tiny_lm.tokenizer.decode(free[0][0][1:3])  # prompt 0's 2nd and 3rd new tokens
+    assert stop not in tiny_lm.tokenizer.decode(free[1][0])
     with Recorder(tiny_lm.model) as seen:
-        cut = ours(tiny_lm, PROMPTS[:2], greedy(tiny_lm, 12, stop=(stop,)))
-    assert len(cut[0][0]) <= 2 and cut[0][0] == free[0][0][: len(cut[0][0])]
-    texts = tiny_lm.generate(PROMPTS[:2], max_new_tokens=12, stop=[stop])
-    full = tiny_lm.generate(PROMPTS[:2], max_new_tokens=12)
+        cut = ours(tiny_lm, prompts, greedy(tiny_lm, 12, stop=(stop,)))
+    assert cut == [[free[0][0][:3]], free[1]]
+    # After prompt 0's stop its row leaves the batch; no step runs after the last row is done.
+    assert [batch for batch, _ in seen.shapes[1:]] == [2, 2] + [1] * 9
+    texts = tiny_lm.generate(prompts, max_new_tokens=12, stop=[stop])
+    full = tiny_lm.generate(prompts, max_new_tokens=12)
     assert texts == [[cut_at(t[0], [stop])] for t in full]
-    steps = [b for b, width in seen.shapes if width == 1]
-    if stop not in tiny_lm.tokenizer.decode(cut[1][0]):
-        assert len(steps) == 11 and steps[-1] == 1, "prompt 0's row left the batch"
+    assert texts[0][0] + stop == full[0][0][: len(texts[0][0] + stop)]
 
 
 def test_eos_ends_a_row_and_the_batch_ends_when_all_are_done(tiny_lm, single_thread):
     free = ours(tiny_lm, PROMPTS[:1], greedy(tiny_lm, 10))[0][0]
+    end = free.index(free[3])
     with Recorder(tiny_lm.model) as seen:
         out = ours(tiny_lm, PROMPTS[:1], sg.Sampling(max_new_tokens=10, eos=frozenset({free[3]})))
-    assert out[0][0] == free[: free.index(free[3])]
-    assert len(seen.shapes) <= 2 + 3  # prefill, then no step after the EOS
+    assert out[0][0] == free[:end]
+    assert len(seen.shapes) == 1 + end  # the prefill, then one step per token before the EOS
+
+
+def test_a_short_shared_prefix_is_not_worth_a_pass(tiny_lm, single_thread):
+    prompts = [f"Write the opposite word.\n\nInput: {word}\nOutput:" for word in ("big", "on")]
+    tokens = hf_generate.tokenize(tiny_lm.tokenizer, prompts)
+    (jobs,) = sg.plan(tokens, 1, True, 32)
+    assert 0 < jobs[0].prefix_len < sg.MIN_SAVED_TOKENS  # a group, but sharing saves too little
+    with Recorder(tiny_lm.model) as seen:
+        out = ours(tiny_lm, prompts, greedy(tiny_lm, 1))
+    assert seen.shapes == [(2, max(len(t) for t in tokens))]  # both whole, in one pass
+    assert out == [[reference_ids(tiny_lm, p, 1)] for p in prompts]
 
 
 def test_stop_patterns_and_edge_cases(tiny_lm):
