@@ -13,6 +13,7 @@ from typing import Any
 from ape.budget import BudgetExhausted, check_counts
 from ape.capabilities import check
 from ape.evaluation import evaluator_options, make_evaluator, resolve_model, resolve_task
+from ape.evaluator_flags import split_options
 from ape.lm import LanguageModel
 from ape.models import DEFAULT_MODEL
 from ape.objective import Objective
@@ -63,7 +64,10 @@ def optimize(
     `length_penalty` lowers each validation mean by that much per prompt token (ties always go
     to the shorter prompt). `Result.evidence` compares the best prompt with each baseline on
     test, and with `metric_evidence` also under the task's metric by greedy generation.
-    `searcher` and `evaluator` are names or instances; `options` configure a named searcher.
+    `searcher` and `evaluator` are names or instances; `options` configure a named searcher,
+    and those that name an option of a named evaluator configure it (``calibrate=True`` for
+    `choice`). ``label_words="search"`` has a searcher that takes it (whole, ape, tpe) search the
+    answer words of a classification task too (the `choice` evaluator).
     """
     started = time.perf_counter()
     served = usage_totals()  # what served models had used before this run
@@ -71,10 +75,12 @@ def optimize(
     _check_settings(workers, storage, evaluator, length_penalty)
     task = resolve_task(task_or_path, seed=seed)
     task = task if test_examples is None else task.sample_test(test_examples, seed)
-    scorer_options = evaluator_options(evaluator, task)
+    own, options = split_options(evaluator, options)  # the evaluator's options, the searcher's
+    scorer_options = evaluator_options(evaluator, task, **own)
     scorer = make_evaluator(evaluator, task, **scorer_options)
     search = _searcher(searcher, options)  # bad names and options fail before the model loads
     check(search, scorer)  # so does an evaluator that cannot serve the searcher
+    check_label_words(search, scorer)  # and a label-word search without label words
     lm = resolve_model(model)
 
     store = _open_store(task, lm, scorer, storage, study, progress)
@@ -83,7 +89,7 @@ def optimize(
     objective = Objective(
         task, lm, scorer, store, workers=pool, length_penalty=length_penalty, **settings
     )
-    meta = _meta(objective, search, scorer, options, storage, budget)
+    meta = _meta(objective, search, scorer, {**options, **own}, storage, budget)
     metric = partial(_metric_objective, objective, storage) if metric_evidence else None
     report = dict(metric_objective=metric)
     try:
@@ -95,6 +101,13 @@ def optimize(
         if pool is not None:
             store.jobs.close_for_workers()
             pool.stop()
+
+
+def check_label_words(search, scorer) -> None:
+    """One line when label words are to be searched with an evaluator that scores none."""
+    from ape.search.label_words import check_label_words as check_words  # searchers' room
+
+    check_words(search, scorer)
 
 
 def _searcher(searcher: str | Any, options: dict[str, Any]):

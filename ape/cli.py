@@ -10,8 +10,10 @@ import sys
 from collections.abc import Sequence
 
 from ape.display import print_result, print_table
+from ape.evaluator_flags import add_evaluator_flags, evaluator_values
 from ape.flags import SearcherFlags, help_focus
 from ape.models import DEFAULT_MODEL, ModelError
+from ape.prompt_sources import evaluated_prompts
 from ape.task import TaskError
 
 DEFAULT_RUNS = "ape-runs"
@@ -42,6 +44,7 @@ def _add_task_arguments(parser: argparse.ArgumentParser) -> None:
         default="loglik",
         help="loglik (mean log-prob per token, default), loglik_sum, generation, choice",
     )
+    add_evaluator_flags(parser)
 
 
 def build_parser(searcher: str | None = None) -> argparse.ArgumentParser:
@@ -83,6 +86,20 @@ def _add_evaluate(commands) -> None:
         metavar="DIR",
         help="a saved soft prompt to score as well (repeatable): the folder 'ape optimize "
         "--searcher soft' writes beside its result (RESULT.files/soft_prompt)",
+    )
+    evaluate.add_argument(
+        "--label-word",
+        action="append",
+        metavar="LABEL=WORD",
+        help="the word --evaluator choice scores for LABEL with every instruction (repeatable; "
+        "default: the task's label words)",
+    )
+    evaluate.add_argument(
+        "--result",
+        action="append",
+        metavar="JSON",
+        help="score the best prompt of a result 'ape optimize' saved, with its demos and label "
+        "words (repeatable)",
     )
     evaluate.add_argument(
         "--split", default="test", choices=["train", "val", "test"], help="default: test"
@@ -199,32 +216,25 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     from ape.task import load_task
 
     task = load_task(args.data, val=args.val, test=args.test, seed=args.seed)
-    instructions = args.instruction
-    if instructions is None:
-        instructions = [*task.human_instructions, ""]
-    make_evaluator(args.evaluator, task)  # fail on a bad name before the slow model load
+    settings = evaluator_values(args, args.evaluator)
+    scorer = make_evaluator(args.evaluator, task, **settings)  # fail before the model load
+    prompts, names = evaluated_prompts(args, task, scorer)
     softs = [SoftPrompt.load(folder) for folder in args.soft_prompt or []]
     lm = load_model(args.model, device=args.device, dtype=args.dtype)
-    prompts = [*instructions, *(soft.prompt() for soft in softs)]
-    scores = evaluate(task, prompts, model=lm, evaluator=args.evaluator, split=args.split)
-    instructions = [
-        *instructions,
-        *(f"{s.label} ({d})" for s, d in zip(softs, args.soft_prompt or [], strict=True)),
-    ]
+    prompts += [soft.prompt() for soft in softs]
+    names += [f"{s.label} ({d})" for s, d in zip(softs, args.soft_prompt or [], strict=True)]
+    scores = evaluate(task, prompts, model=lm, evaluator=scorer, split=args.split)
     examples = len(task.split(args.split))
     print(f"\n{task.name}: {args.evaluator} on {args.split} ({examples} examples), {lm.name}\n")
     print_table(
         ["score", "instruction"],
-        [
-            (f"{s:.4f}", text or "(no instruction)")
-            for s, text in sorted(zip(scores, instructions, strict=True), reverse=True)
-        ],
+        [(f"{s:.4f}", text) for s, text in sorted(zip(scores, names, strict=True), reverse=True)],
     )
     return 0
 
 
 def _run_optimize(args: argparse.Namespace) -> int:
-    from ape.api import Interrupted, optimize
+    from ape.api import Interrupted, check_label_words, optimize
     from ape.budget import check_counts
     from ape.capabilities import check
     from ape.evaluation import make_evaluator
@@ -233,11 +243,14 @@ def _run_optimize(args: argparse.Namespace) -> int:
     from ape.task import load_task
 
     options = _searcher_arguments(args)
+    settings = evaluator_values(args, args.evaluator)
     counts = ("budget", "val_examples", "test_top", "test_examples")
     check_counts("--", **{name: getattr(args, name) for name in counts})
     task = load_task(args.data, val=args.val, test=args.test, seed=args.seed)
-    scorer = make_evaluator(args.evaluator, task)  # bad names fail before the slow model load
-    check(get_searcher(args.searcher, **options), scorer)  # so does a searcher it cannot serve
+    scorer = make_evaluator(args.evaluator, task, **settings)  # bad names fail before the load
+    searcher = get_searcher(args.searcher, **options)
+    check(searcher, scorer)  # so does a searcher it cannot serve
+    check_label_words(searcher, scorer)  # and a label-word search without label words
     out = args.out or f"{DEFAULT_RUNS}/{task.name}-{args.searcher}-seed{args.seed}.json"
     storage = args.storage or DEFAULT_STORAGE
     lm = load_model(args.model, device=args.device, dtype=args.dtype)
@@ -264,6 +277,7 @@ def _run_optimize(args: argparse.Namespace) -> int:
             length_penalty=args.length_penalty,
             metric_evidence=args.metric_evidence,
             **options,
+            **settings,
         )
     except Interrupted as stop:
         path = stop.result.save(out)

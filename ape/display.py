@@ -41,6 +41,8 @@ def print_result(result: Result, top: int = 10) -> None:
 def _print_best(result: Result) -> None:
     best, ref = result.best, result.reference
     print(f"\nbest prompt: {_describe(best)}")
+    if best.label_words:
+        print("label words: " + ", ".join(f"{k} → {v}" for k, v in best.label_words.items()))
     sample = f" on {result.test_examples} test rows" if result.test_examples else ""
     print(
         f"test score: {fmt(best.test_score)}"
@@ -64,7 +66,15 @@ def _print_best(result: Result) -> None:
 
 def _describe(entry) -> str:
     text = short(entry.instruction or "(no instruction)")
-    return text + (f" + {len(entry.demos)} demos" if entry.demos else "")
+    text += f" + {len(entry.demos)} demos" if entry.demos else ""
+    return text + describe_words(entry.label_words)
+
+
+def describe_words(words: dict[str, str], limit: int = 60) -> str:
+    """' [words: negative→awful, positive→superb]' for a prompt with label words of its own."""
+    if not words:
+        return ""
+    return " [words: " + short(", ".join(f"{k}→{v}" for k, v in words.items()), limit) + "]"
 
 
 def short(text: str, limit: int = 80) -> str:

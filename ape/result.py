@@ -25,10 +25,13 @@ class Entry:
     demos: list[list[str]] = field(default_factory=list)
     test_metric: float | None = None  # the task's metric by greedy generation, on test
     tokens: int | None = None  # what the instruction and demos add to every call
+    # label -> the word the prompt answers with (`choice`); empty: the task's own label words
+    label_words: dict[str, str] = field(default_factory=dict)
 
     @property
     def prompt(self) -> Prompt:
-        return prompt_from_json({"instruction": self.instruction, "demos": self.demos})
+        data = {"instruction": self.instruction, "demos": self.demos}
+        return prompt_from_json({**data, "label_words": self.label_words})
 
     def render(self, input: str) -> str:
         """The exact text to send to the model for `input` (what the scores were measured on)."""

@@ -3,15 +3,22 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
+from ape.evaluators.calibration import CONTENT_FREE, calibrated
 
 from ape.capabilities import LABEL_LOGPROBS, TRAINING_LOSS, Loss
 from ape.lm import LanguageModel
 from ape.prompt import Prompt
 from ape.task import Example, Task
+
+CALIBRATE_HELP = (
+    "contextual calibration (Zhao et al. 2021): subtract each label word's mean log-prob after "
+    "content-free inputs ('N/A', '', '[MASK]') from its log-prob, so the prompt's bias toward "
+    "a label no longer decides"
+)
 
 
 @dataclass
@@ -21,11 +28,15 @@ class ChoiceEvaluator:
     `labels` default to the keys of a `verbalizers` mapping, else to the sorted distinct outputs
     of the examples scored. Pass the task's full label set when scoring a subset that may miss
     some labels. `verbalizers` give the word scored per label: a mapping (labels left out score
-    as themselves) or a sequence aligned with the labels.
+    as themselves) or a sequence aligned with the labels. A prompt's own `label_words` take
+    precedence over them. With `calibrate`, label scores are contextually calibrated (see
+    evaluators/calibration.py).
     """
 
     labels: Sequence[str] | None = None
     verbalizers: Mapping[str, str] | Sequence[str] | None = None
+    # An option of its own (help text): a CLI flag --calibrate and an optimize() keyword.
+    calibrate: bool = field(default=False, metadata={"help": CALIBRATE_HELP})
     name = "choice"  # not a field: unannotated
     offers: ClassVar[frozenset[str]] = frozenset({LABEL_LOGPROBS, TRAINING_LOSS})
 
@@ -66,25 +77,42 @@ class ChoiceEvaluator:
         return list(verbalizers)
 
     def label_words(self, examples: Sequence[Example]) -> tuple[list[str], list[str]]:
-        """The labels, in `label_logprobs` order, and the word scored for each."""
+        """The labels, in `label_logprobs` order, and the evaluator's own word for each."""
         labels = self.resolve_labels(examples)
         return labels, self._words(labels)
+
+    def prompt_words(self, prompt: Prompt, labels: list[str]) -> list[str]:
+        """The word scored per label for `prompt`: its own label words, else the evaluator's."""
+        own = prompt.words
+        unknown = sorted(set(own) - set(labels))
+        if unknown:
+            raise ValueError(f"the prompt's label words name labels not in {labels}: {unknown}")
+        given = self._words(labels)
+        return [own.get(label, word) for label, word in zip(labels, given, strict=True)]
 
     def label_logprobs(
         self, lm: LanguageModel, prompts: Sequence[Prompt], examples: Sequence[Example]
     ) -> np.ndarray:
-        """Summed log-prob of each label's word, shape (prompts, examples, labels)."""
-        words = self._words(self.resolve_labels(examples))
-        shape = (len(prompts), len(examples), len(words))
+        """Summed log-prob of each label's word, shape (prompts, examples, labels); with
+        `calibrate`, minus each word's content-free bias (a log-ratio, which may exceed 0)."""
+        labels = self.resolve_labels(examples)
+        shape = (len(prompts), len(examples), len(labels))
         if not all(shape):
             return np.zeros(shape)
+        words = [self.prompt_words(prompt, labels) for prompt in prompts]
+        inputs = [ex.input for ex in examples] + list(CONTENT_FREE if self.calibrate else ())
+        # One call for the grid and the content-free rows: the model batches them together.
         requests = [
-            (prompt.context(ex.input), prompt.continuation(word))
-            for prompt in prompts
-            for ex in examples
-            for word in words
+            (prompt.context(text), prompt.continuation(word))
+            for prompt, scored in zip(prompts, words, strict=True)
+            for text in inputs
+            for word in scored
         ]
-        return np.asarray(lm.loglikelihood(requests), dtype=np.float64).reshape(shape)
+        grid = np.asarray(lm.loglikelihood(requests), dtype=np.float64)
+        grid = grid.reshape(len(prompts), len(inputs), len(labels))
+        if not self.calibrate:
+            return grid
+        return calibrated(grid[:, : len(examples)], grid[:, len(examples) :])
 
     def score(
         self, lm: LanguageModel, prompts: Sequence[Prompt], examples: Sequence[Example]
@@ -107,10 +135,12 @@ class ChoiceEvaluator:
     def training_loss(self, lm, template: Prompt, examples: Sequence[Example]) -> Loss:
         """Cross-entropy over the label words after vectors placed before `template`'s text (each
         label's summed log-prob of its word is its logit): the smooth version of the accuracy
-        `score` counts. `examples` fix the label set."""
+        `score` counts. `examples` fix the label set; `template`'s label words are used where it
+        has them. Not calibrated: the bias after trained vectors moves with them."""
         import torch
 
-        labels, words = self.label_words(examples)
+        labels = self.resolve_labels(examples)
+        words = self.prompt_words(template, labels)
         index = {label: i for i, label in enumerate(labels)}
 
         def loss(vectors: torch.Tensor, batch: Sequence[Example]) -> torch.Tensor:

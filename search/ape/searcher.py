@@ -8,6 +8,9 @@
 3. Resampling: for R rounds, the top-k instructions are each rephrased (APE's "variation that keeps
    the semantic meaning"), and the bandit continues over old and new candidates.
 4. The finalists are scored on the whole validation pool, and the best of them is the result.
+
+With `--label-words search` (the `choice` evaluator), the label words are searched once up front
+for the no-instruction prompt (search/label_words.py) and every candidate answers with them.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from typing import ClassVar
 
 from ape.search.bandit import UCBBandit, stage_rounds
 from ape.search.base import non_negative, option, positive
+from ape.search.label_words import LABEL_WORDS_HELP, LabelWordsMode, searched_words
 from ape.search.proposal import (
     ProposalOptions,
     chat_flags,
@@ -45,6 +49,7 @@ class APESearcher(ProposalOptions):
     top_k: int = option(5, "instructions rephrased per resampling round")
     variations: int = option(3, "variations asked per rephrased instruction and template")
     finalists: int = option(5, "best candidates scored on the whole validation pool at the end")
+    label_words: LabelWordsMode = option("given", LABEL_WORDS_HELP)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -62,9 +67,10 @@ class APESearcher(ProposalOptions):
         proposer = self.proposer(objective)
         chats = chat_flags(self.templates, proposer)
         bandit = UCBBandit(objective, self.minibatch, self.c)
+        words = tuple(searched_words(objective, self.label_words).items())  # () : the task's
 
         for origin, found in self.propose(objective, proposer):  # one step per template
-            bandit.add([Prompt(t) for t in found], origin)
+            bandit.add([Prompt(t, label_words=words) for t in found], origin)
 
         rounds = self._rounds(objective, len(chats))
         bandit.run(rounds, self.per_round)
@@ -75,7 +81,7 @@ class APESearcher(ProposalOptions):
                 texts = self._sample(objective, proposer, prompts, self.variations, chat, r)
                 seen = [arm.prompt.instruction for arm in bandit.arms.values()]
                 origin = f"resample {r}" + (" (chat)" if chat else "")
-                bandit.add([Prompt(t) for t in unique(texts, seen)], origin)
+                bandit.add([Prompt(t, label_words=words) for t in unique(texts, seen)], origin)
             bandit.run(rounds, self.per_round)
 
         finalists = [arm.prompt for arm in bandit.top(self.finalists)]

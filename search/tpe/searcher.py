@@ -23,6 +23,9 @@ Learning from MIPROv2's known weak points:
   on the whole validation pool, and `optimize()` ranks prompts scored on all of it above any
   scored on part, by their full-pool mean.
 
+With `--label-words search` (the `choice` evaluator), the label words are searched once up front
+for the no-instruction prompt (search/label_words.py) and every trial's prompt answers with them.
+
 Without a budget the search runs `trials` trials. With one, trials continue until only the
 finalists' full evaluation (`finalists` x the pool) is left to pay for, so searchers compared at
 equal budget spend it alike, or until `trials` trials in a row had nothing new to score.
@@ -36,6 +39,7 @@ from typing import ClassVar
 import numpy as np
 import optuna
 from ape.search.base import non_negative, option, positive
+from ape.search.label_words import LABEL_WORDS_HELP, LabelWordsMode, searched_words
 from ape.search.proposal import PROPOSALS_HELP, SUBSAMPLES_HELP, ProposalOptions
 
 from ape.objective import Objective
@@ -62,6 +66,7 @@ class TPESearcher(ProposalOptions):
     )
     finalists: int = option(3, "best prompts scored on the whole validation pool at the end")
     n_startup_trials: int = option(10, "random trials before TPE starts modelling")
+    label_words: LabelWordsMode = option("given", LABEL_WORDS_HELP)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -76,6 +81,7 @@ class TPESearcher(ProposalOptions):
 
     # ----------------------------------------------------------------------------- the search
     def search(self, objective: Objective) -> None:
+        words = tuple(searched_words(objective, self.label_words).items())  # () : the task's
         steps = self.propose(objective, self.proposer(objective))
         instructions = [(text, origin) for origin, found in steps for text in found]
 
@@ -102,7 +108,7 @@ class TPESearcher(ProposalOptions):
             d = trial.suggest_categorical("demo_set", list(range(self.num_demo_sets)))
             k = trial.suggest_int("num_demos", 0, size)
             text, origin = instructions[i]
-            prompt = Prompt(text, demos=demo_sets[d][:k])
+            prompt = Prompt(text, demos=demo_sets[d][:k], label_words=words)
             spent = budget.pairs
             origin += f" + {k} demo{'s' if k > 1 else ''}" if k else ""
             study.tell(trial, tried.pull(prompt, origin))

@@ -16,6 +16,12 @@
 5. The `finalists` best by mean (minus `--length-penalty` per prompt token; ties: the shorter) are
    scored on the whole pool beside the baselines; `optimize()` ranks on those full-pool scores.
 
+With `--label-words search` (the `choice` evaluator), the label words are a third axis: after the
+baselines, search/label_words.py chooses words for the best baseline's prompt, and the best two
+assignments join the task's own words as word sets. Candidates take word sets in turn (each demo
+set without instruction takes each), and resampling also moves the top candidates to the other
+word sets. A prompt with searched words shows its demos with them.
+
 With `--max-demos 0` it is instruction-only APE with the baselines in the pool. Candidates whose
 prompt would not fit the model's window with the longest validation example are skipped, with a
 note on stderr.
@@ -32,6 +38,13 @@ import numpy as np
 from ape.search.bandit import Arm, UCBBandit, stage_rounds
 from ape.search.base import non_negative, option, positive
 from ape.search.demos import DemoSet, draw_sets, label_words, mutations, random_demos, shown
+from ape.search.label_words import (
+    LABEL_WORDS_HELP,
+    LabelWordsMode,
+    WordSearch,
+    search_label_words,
+    word_search_cost,
+)
 from ape.search.proposal import (
     PROPOSALS_HELP,
     SUBSAMPLES_HELP,
@@ -71,6 +84,7 @@ class WholePromptSearcher(ProposalOptions):
     top_k: int = option(3, "candidates resampled around per round")
     variations: int = option(2, "rephrasings asked per resampled instruction and template")
     finalists: int = option(3, "best candidates scored on the whole validation pool")
+    label_words: LabelWordsMode = option("given", LABEL_WORDS_HELP)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -100,13 +114,14 @@ class WholePromptSearcher(ProposalOptions):
             )
         pool = _Pool(objective, self.minibatch, self.c, objective.length_penalty)
         pool.add(self._baselines(objective), full=True)
+        pool.word_sets = self._word_sets(objective, pool)
 
         proposer = self.proposer(objective)
         chats = chat_flags(self.templates, proposer)
         humans = self._human(objective)
         sets = draw_sets(train, self.num_demo_sets, self.max_demos, objective.seed)
         if self.max_demos:
-            pool.add([(Prompt("", pool.show(s)), s, "demo set") for s in sets])
+            pool.add([(pool.prompt("", s, w), s, "demo set") for s in sets for w in pool.word_sets])
         for origin, found in self.propose(objective, proposer):
             pool.add(self._paired(pool, found, sets, origin))
         pool.add(self._paired(pool, humans, sets, "human"))
@@ -119,6 +134,7 @@ class WholePromptSearcher(ProposalOptions):
             for chat in chats:
                 pool.add(self._rephrased(objective, proposer, pool, top, chat, r))
             pool.add(self._mutated(pool, top, train, rng, r))
+            pool.add(self._reworded(pool, top, r))
             pool.bandit.run(rounds, self.per_round)
         objective.evaluate([arm.prompt for arm in pool.top(self.finalists)], objective.val_pool)
 
@@ -152,9 +168,10 @@ class WholePromptSearcher(ProposalOptions):
             self.num_subsamples * self.num_proposals
             + self.resample_rounds * self.top_k * self.variations
         )
+        words = word_search_cost(task, pool) if self.label_words == "search" else {}
         return {
-            "pairs": baselines + stages + self.finalists * pool,
-            "tokens": samples * self.max_new_tokens,
+            "pairs": baselines + stages + self.finalists * pool + words.get("pairs", 0),
+            "tokens": samples * self.max_new_tokens + words.get("tokens", 0),
         }
 
     # ----------------------------------------------------------------------------- candidates
@@ -172,12 +189,28 @@ class WholePromptSearcher(ProposalOptions):
             out.append((Prompt("", shown(demos, label_words(objective))), demos, label))
         return out
 
+    def _word_sets(self, objective: Objective, pool: _Pool) -> list[dict[str, str]]:
+        """The task's words ({}: the evaluator's own) and, with label-word search, the two best
+        assignments searched for the best baseline's prompt."""
+        if self.label_words != "search":
+            return [{}]
+        best = pool.top(1)
+        template = Prompt(best[0].prompt.instruction, pool.demos_of(best[0])) if best else Prompt()
+        found = search_label_words(objective, template, WordSearch())
+        given = pool.words
+        searched = [a.mapping for a in found if a.mapping != given][:2]
+        text, demos = template.instruction, template.demos
+        pool.add([(pool.prompt(text, demos, w), demos, "label words") for w in searched])
+        return [{}, *searched]
+
     def _paired(self, pool: _Pool, texts: Sequence[str], sets: list[DemoSet], origin: str):
-        """Each instruction with a demo set in turn (without demos when max_demos is 0)."""
+        """Each instruction with a demo set and a word set in turn (without demos when
+        max_demos is 0)."""
         out = []
         for i, text in enumerate(texts):
             demos = sets[i % len(sets)] if self.max_demos else ()
-            out.append((Prompt(text, pool.show(demos)), demos, origin))
+            words = pool.word_sets[i % len(pool.word_sets)]
+            out.append((pool.prompt(text, demos, words), demos, origin))
         return out
 
     def _rephrased(self, objective, proposer, pool: _Pool, top: list[Arm], chat: bool, r: int):
@@ -201,20 +234,34 @@ class WholePromptSearcher(ProposalOptions):
         for i, text in enumerate(texts):
             parent = parents[i // self.variations]
             if text is not None:
-                out.append((Prompt(text, parent.prompt.demos), pool.demos_of(parent), origin))
+                demos = pool.demos_of(parent)
+                out.append((pool.prompt(text, demos, parent.prompt.words), demos, origin))
         return out
 
     def _mutated(self, pool: _Pool, top: list[Arm], train, rng, r: int):
         """Demo-set neighbours of the top candidates, and the best instruction on their demos."""
         out = []
         for arm in top:
+            words = arm.prompt.words
             for demos in mutations(pool.demos_of(arm), train, self.max_demos, rng):
-                out.append((Prompt(arm.prompt.instruction, pool.show(demos)), demos, f"demos {r}"))
+                out.append((pool.prompt(arm.prompt.instruction, demos, words), demos, f"demos {r}"))
         best = next((arm.prompt.instruction for arm in top if arm.prompt.instruction), "")
         if best:
             for arm in top:
                 demos = pool.demos_of(arm)
-                out.append((Prompt(best, pool.show(demos)), demos, f"crossover {r}"))
+                out.append((pool.prompt(best, demos, arm.prompt.words), demos, f"crossover {r}"))
+        return out
+
+    def _reworded(self, pool: _Pool, top: list[Arm], r: int):
+        """The top candidates with each other word set (none without label-word search)."""
+        out = []
+        for arm in top:
+            demos = pool.demos_of(arm)
+            for words in pool.word_sets:
+                if words != arm.prompt.words:
+                    out.append(
+                        (pool.prompt(arm.prompt.instruction, demos, words), demos, f"words {r}")
+                    )
         return out
 
     def _rounds(self, objective: Objective, pool: _Pool, templates: int) -> int:
@@ -242,6 +289,7 @@ class _Pool:
         self.bandit = UCBBandit(objective, minibatch, c)
         self.length_penalty = length_penalty
         self.words = label_words(objective)
+        self.word_sets: list[dict[str, str]] = [{}]  # {}: the evaluator's own words
         self.raw: dict[str, DemoSet] = {}  # prompt key -> demos before label words are shown
         self.tokens: dict[str, int] = {}
         self.window = getattr(objective.lm, "max_length", None)
@@ -250,6 +298,13 @@ class _Pool:
 
     def show(self, demos: DemoSet) -> DemoSet:
         return shown(demos, self.words)
+
+    def prompt(self, instruction: str, demos: DemoSet, words: dict[str, str]) -> Prompt:
+        """The candidate: with label words of its own, its demos keep their labels (the prompt
+        shows them with its words); else they show the evaluator's words."""
+        if words:
+            return Prompt(instruction, demos, label_words=tuple(words.items()))
+        return Prompt(instruction, self.show(demos))
 
     def demos_of(self, arm: Arm) -> DemoSet:
         return self.raw.get(arm.prompt.key(), ())
