@@ -8,13 +8,15 @@
    across many inputs) form groups by ape/packing.py's rule, and a group's prefix runs once.
 3. A batch holds the prompts of one or more groups. Its KV is laid out per row as
    [group prefix, left-aligned and zero-padded | prompt suffix, left-padded | generated tokens];
-   an explicit attention mask hides the padding and position ids restart per row.
+   an explicit attention mask hides the padding, and position ids count from each row's start.
+   A group's prefix gets a pass of its own only where it saves more than a pass costs.
 4. A row is done at EOS, at the token cap, or when its text contains a stop string or matches a
    stop pattern. Done rows leave the batch (the cache is compacted), and the batch ends when
    no row is left: no step is spent on a finished sample.
 5. Sampling is inverse-CDF: token t of sample j of prompt i is picked with a uniform drawn by
    numpy from the seed (seed, i, j). So the texts depend on the seed, the prompt and its index,
-   not on batching, n or the device, and the global RNG is never touched.
+   not on the batching or on n (up to float rounding of the logits, which differs between
+   devices and dtypes), and the global RNG is never touched.
 
 Every KV-cache call goes through ape/kv_cache.py.
 """
