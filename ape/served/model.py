@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ape.served.http import ServedModelError, ServerClient, Usage, api_key
-from ape.served.probe import probe
+from ape.served.probe import COUNTING, probe
 from ape.served.scoring import Scoring, detect_scoring
 
 PREFIX = "openai:"
@@ -110,13 +110,13 @@ class OpenAICompatibleModel:
     def scoring(self) -> Scoring:
         """How this server scores, found and probed once; ServedModelError if it cannot."""
         if self._scoring is None:
-            found, failures = detect_scoring(self.client, self.model_id)
+            found, counting, failures = detect_scoring(self.client, self.model_id, COUNTING)
             if found is None:
                 raise ServedModelError(
                     f"{self.name} is refused for scoring: the server returns no prompt log-probs "
                     f"({'; '.join(failures)}). It can still propose: --proposal-model {self.name}"
                 )
-            problem = probe(found).problem
+            problem = probe(found, counting).problem
             if problem is not None:
                 raise ServedModelError(
                     f"{self.name} is refused for scoring: {problem}. It can still propose: "

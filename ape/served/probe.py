@@ -5,7 +5,7 @@ llama-cpp-python's server (0.3.36) returns, for prompt token i, log p(token_i | 
 and including i) instead of log p(token_i | tokens before i). Its numbers look plausible, and a
 client that trusts them optimizes for the wrong prompts. Two checks catch such a server:
 
-- **Counting.** On "1, 2, ..., 8," + " 9, 10, ..., 15" the model's most likely token at each
+- **Counting.** On "1, 2, ..., 8," + " 9, 10, 11, 12" the model's most likely token at each
   continuation position is, for an aligned server, the token that is there; for a server that is
   off by one, it is the token after it. This needs no strong model, only the top token.
 - **Preferences.** Pairs such as " cold" vs " banana" after an antonym demo: the right answer
@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from ape.served.scoring import Scoring, TokenLogprob
 
-COUNTING = ("1, 2, 3, 4, 5, 6, 7, 8,", " 9, 10, 11, 12, 13, 14, 15")
+COUNTING = ("1, 2, 3, 4, 5, 6, 7, 8,", " 9, 10, 11, 12")
 PREFERENCES = (
     ("Input: big\nOutput: small\n\nInput: hot\nOutput:", " cold", " banana"),
     ("Input: up\nOutput: down\n\nInput: yes\nOutput:", " no", " table"),
@@ -62,16 +62,22 @@ class ProbeReport:
         return None
 
 
-def probe(scoring: Scoring) -> ProbeReport:
-    """Run the probe requests through `scoring`."""
+def probe(scoring: Scoring, counting: list[TokenLogprob] | None = None) -> ProbeReport:
+    """Run the probe requests through `scoring`: counting (unless its tokens are given), then
+    the preferences, only one pair if the counting has already shown the server off by one."""
     report = ProbeReport()
-    tokens = scoring.tokens(*COUNTING, top=1)
+    tokens = counting if counting is not None else scoring.tokens(*COUNTING, top=1)
     for here, after in zip(tokens, [*tokens[1:], None], strict=True):
         if here.top is None:
             continue
         report.positions += 1
         report.aligned += _same(here.top, here)
         report.late += after is not None and _same(here.top, after)
+    if report.late > report.aligned:
+        context, right, wrong = PREFERENCES[0]  # one pair, to show what it does to scores
+        values = [_total(scoring.tokens(context, text)) for text in (right, wrong)]
+        report.preferences.append((right, values[0], wrong, values[1]))
+        return report
     for context, right, wrong in PREFERENCES:
         values = [_total(scoring.tokens(context, text)) for text in (right, wrong)]
         report.preferences.append((right, values[0], wrong, values[1]))

@@ -113,13 +113,16 @@ class ForcedScoring:
         return picked
 
 
-def detect_scoring(client: ServerClient, model: str) -> tuple[Scoring | None, list[str]]:
-    """The first way the server gives continuation log-probs, or None with each one's failure."""
+def detect_scoring(
+    client: ServerClient, model: str, trial: tuple[str, str], top: int = 1
+) -> tuple[Scoring | None, list[TokenLogprob], list[str]]:
+    """The first way the server gives continuation log-probs, with its tokens for `trial`
+    (context, continuation); or None, with each way's failure."""
     failures = []
     for scoring in (EchoScoring(client, model), ForcedScoring(client, model)):
         scoring.retry = False
         try:
-            found = scoring.tokens("Input: big\nOutput: small\n\nInput: hot\nOutput:", " cold")
+            found = scoring.tokens(*trial, top=top)
         except UnreachableError:
             raise
         except ServedModelError as err:
@@ -130,9 +133,9 @@ def detect_scoring(client: ServerClient, model: str) -> tuple[Scoring | None, li
         finally:
             scoring.retry = True
         if found and all(t.logprob is not None for t in found):
-            return scoring, failures
+            return scoring, found, failures
         failures.append(f"{scoring.name}: no log-probs in the answer")
-    return None, failures
+    return None, [], failures
 
 
 def legacy_logprobs(logprobs: dict[str, Any] | None) -> list[tuple[int, TokenLogprob]] | None:

@@ -39,6 +39,7 @@ def scoring_benchmark():
     path = REPO / "benchmarks" / "scoring" / "run.py"
     spec = importlib.util.spec_from_file_location("scoring_run", path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
     spec.loader.exec_module(module)
     return module
 
