@@ -76,6 +76,19 @@ def test_label_words_are_part_of_the_prompt_and_round_trip():
     assert again.best.label_words == words and again.best.prompt == prompt
 
 
+def test_the_leaderboard_shows_the_words(capsys):
+    from ape.display import print_result
+
+    words = {"negative": "awful", "positive": "superb"}
+    best = Entry.of(ape.Prompt("Rate it.", label_words=words), val_score=0.9, val_examples=4)
+    plain = Entry.of(ape.Prompt(""), val_score=0.5, val_examples=4)
+    print_result(Result(best=best, leaderboard=[best, plain], budget_used=8, seed=0))
+    out = capsys.readouterr().out
+    assert "Rate it. [words: negative→awful, positive→superb]" in out
+    assert "label words: negative → awful, positive → superb" in out
+    assert "(no instruction)\n" in out  # no words of its own: nothing added
+
+
 def test_choice_scores_the_prompt_words_over_its_verbalizers():
     task = sentiment_task()
     lm = TableLM({("superb", " lovely"): -1.0, ("dull", " awful"): -1.0})
