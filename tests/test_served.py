@@ -43,7 +43,6 @@ from ape.task import load_task
 
 KEY = "ape-test-key-7c1e93"  # the server's key; a test greps studies and results for it
 MODEL = "smollm2"
-ROOT = Path(__file__).parent.parent
 
 
 def _server_importable() -> str | None:
@@ -59,7 +58,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-class LlamaCppServer:
+class ServerProcess:
     """A server process on a fixed loopback port: by default `python -m llama_cpp.server` on
     the embedded GGUF."""
 
@@ -176,7 +175,7 @@ def llama_server(tmp_path_factory):
             f"llama-cpp-python's server is not installed here ({reason}); .ci/run "
             "installs it from a cached wheel or builds it"
         )
-    server = LlamaCppServer(_free_port(), tmp_path_factory.mktemp("llama") / "server.log")
+    server = ServerProcess(_free_port(), tmp_path_factory.mktemp("llama") / "server.log")
     server.start()
     yield server
     server.kill()
@@ -184,7 +183,7 @@ def llama_server(tmp_path_factory):
 
 @pytest.fixture
 def proxy(llama_server):
-    counting = CountingProxy(llama_server.url.removesuffix("/v1") + "/v1")
+    counting = CountingProxy(llama_server.url)
     yield counting
     counting.close()
 
@@ -247,24 +246,10 @@ def _run_args(data: Path, tmp: Path, proposer: str, target: Path) -> list[str]:
     for name, value in SEARCH.items():
         flags += ["--" + name.replace("_", "-"), str(value)]
     return [
-        "optimize",
-        str(data),
-        "--model",
-        str(target),
-        "--searcher",
-        "ape",
-        *flags,
-        "--proposal-model",
-        proposer,
-        "--storage",
-        f"sqlite:///{tmp / 'run.db'}",
-        "--out",
-        str(tmp / "result.json"),
-        "--quiet",
-        "--test-top",
-        "1",
-        "--no-metric-evidence",
-    ]
+        "optimize", str(data), "--model", str(target), "--searcher", "ape", *flags,
+        "--proposal-model", proposer, "--storage", f"sqlite:///{tmp / 'run.db'}",
+        "--out", str(tmp / "result.json"), "--quiet", "--test-top", "1", "--no-metric-evidence",
+    ]  # fmt: skip
 
 
 def _is_chat(body: dict) -> bool:
@@ -391,7 +376,7 @@ def correct_server(request, tmp_path_factory):
         pytest.skip(f"{request.param}: {found}")
     command, env = found
     log = tmp_path_factory.mktemp(request.param) / "server.log"
-    server = LlamaCppServer(port, log, command, {**os.environ, **env})
+    server = ServerProcess(port, log, command, {**os.environ, **env})
     server.start(timeout=600)
     yield request.param, server
     server.kill()

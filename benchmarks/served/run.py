@@ -100,8 +100,8 @@ def main() -> int:
         "load_average_1m_before": round(load_before, 2),
         "load_average_1m_after": round(os.getloadavg()[0], 2),
         "spearman_rho": round(rho, 4),
-        "max_abs_diff": round(float(np.max(np.abs(local_scores - served_scores))), 4),
-        "mean_abs_diff": round(float(np.mean(np.abs(local_scores - served_scores))), 4),
+        "max_abs_diff": float(np.max(np.abs(local_scores - served_scores))),
+        "mean_abs_diff": float(np.mean(np.abs(local_scores - served_scores))),
         "rows": rows,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -119,7 +119,7 @@ def markdown(report: dict) -> str:
         f"{report['date']}, {report['cpu_count']} cores, 1-min load average "
         f"{report['load_average_1m_before']} before, {report['load_average_1m_after']} after.",
         f"Agreement with the in-process scores: Spearman rho {report['spearman_rho']}, "
-        f"max abs difference {report['max_abs_diff']}, mean {report['mean_abs_diff']}.",
+        f"max abs difference {report['max_abs_diff']:.2e}, mean {report['mean_abs_diff']:.2e}.",
         "",
         "| Method | Requests in flight | Seconds | Requests/s | Server tokens (sent/received) |",
         "|---|---:|---:|---:|---:|",
