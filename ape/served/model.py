@@ -93,6 +93,7 @@ class OpenAICompatibleModel:
         )
         self.tokenizer = TokenCounter()
         self._scoring: Scoring | None = None
+        self._refusal: ServedModelError | None = None
 
     @classmethod
     def from_spec(cls, spec: str, **options) -> OpenAICompatibleModel:
@@ -109,19 +110,20 @@ class OpenAICompatibleModel:
     # ------------------------------------------------------------------------------ scoring
     def scoring(self) -> Scoring:
         """How this server scores, found and probed once; ServedModelError if it cannot."""
+        if self._refusal is not None:
+            raise self._refusal
         if self._scoring is None:
             found, counting, failures = detect_scoring(self.client, self.model_id, COUNTING)
             if found is None:
-                raise ServedModelError(
-                    f"{self.name} is refused for scoring: the server returns no prompt log-probs "
-                    f"({'; '.join(failures)}). It can still propose: --proposal-model {self.name}"
-                )
-            problem = probe(found, counting).problem
-            if problem is not None:
-                raise ServedModelError(
+                problem = f"the server returns no prompt log-probs ({'; '.join(failures)})"
+            else:
+                problem = probe(found, counting).problem
+            if problem is not None:  # once: later calls get the same answer without asking
+                self._refusal = ServedModelError(
                     f"{self.name} is refused for scoring: {problem}. It can still propose: "
                     f"--proposal-model {self.name}"
                 )
+                raise self._refusal
             self._scoring = found
         return self._scoring
 

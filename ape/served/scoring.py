@@ -105,7 +105,7 @@ class ForcedScoring:
             got += bytes(item.get("bytes") or item.get("token", "").encode("utf-8"))
             tops = item.get("top_logprobs") or []
             picked.append(TokenLogprob(item.get("token", ""), item.get("logprob"), _best(tops)))
-        if got != want:
+        if got != want or any(t.logprob is None for t in picked):
             raise ServedModelError(
                 f"the server at {self.client.base_url} did not follow the grammar: it wrote "
                 f"{got.decode('utf-8', 'replace')!r}, not {continuation!r}"
