@@ -38,7 +38,6 @@ from ape.models import _embedded_gguf, _local_directory, load_model
 from ape.prompt import Prompt
 from ape.result import Result
 from ape.served import OpenAICompatibleModel, ServedModelError, parse_spec
-from ape.served.scoring import gbnf_literal
 from ape.task import load_task
 
 KEY = "ape-test-key-7c1e93"  # the server's key; a test greps studies and results for it
@@ -332,10 +331,6 @@ def test_an_unreachable_server_fails_in_one_line():
     lm = served(f"http://127.0.0.1:{_free_port()}/v1", retries=1, backoff=0.01)
     with pytest.raises(ServedModelError, match=r"failed after 2 attempts: cannot reach it"):
         lm.generate(["x"], max_new_tokens=2)
-
-
-def test_the_forcing_grammar_allows_exactly_the_continuation():
-    assert gbnf_literal(' say "hi"\n[x]\\') == 'root ::= " say \\"hi\\"\\x0A\\[x\\]\\\\"'
 
 
 # ------------------------------------------------ scoring against servers with right log-probs

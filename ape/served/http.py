@@ -119,11 +119,16 @@ class ServerClient:
         self._ledger = ledger  # the name this client's usage is added to in the ledger
 
     def post(self, path: str, body: dict[str, Any], *, retry: bool = True) -> dict[str, Any]:
-        """The JSON answer of POST `path`; raises ServedModelError in one line when it fails."""
+        """The JSON answer of POST `path` under the base URL (or at the server's root, for a
+        path that starts with "/"); raises ServedModelError in one line when it fails."""
+        if path.startswith("/"):  # e.g. llama-server's /tokenize, beside its /v1
+            url = self.base_url.removesuffix("/v1") + path
+        else:
+            url = f"{self.base_url}/{path}"
         attempts = 1 + (self.retries if retry else 0)
         for attempt in range(attempts):
             try:
-                answer = self._post_once(path, body)
+                answer = self._post_once(url, body)
             except _Retryable as err:
                 if attempt + 1 == attempts:
                     raise err.final(self.base_url, attempts) from None
@@ -142,8 +147,7 @@ class ServerClient:
             return list(pool.map(function, items))
 
     # ------------------------------------------------------------------------------ internals
-    def _post_once(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
-        url = f"{self.base_url}/{path.lstrip('/')}"
+    def _post_once(self, url: str, body: dict[str, Any]) -> dict[str, Any]:
         headers = {"Content-Type": "application/json"}
         if self._key:
             headers["Authorization"] = f"Bearer {self._key}"
@@ -159,7 +163,7 @@ class ServerClient:
             if err.code in RETRY_STATUS:
                 wait = _retry_after(err)
                 raise _Retryable(f"HTTP {err.code}: {detail}", wait, err.code) from None
-            raise _status_error(self.base_url, path, err.code, detail) from None
+            raise _status_error(self.base_url, url, err.code, detail) from None
         except (urllib.error.URLError, http.client.HTTPException, OSError) as err:
             reason = getattr(err, "reason", err)
             raise _Retryable(f"cannot reach it ({reason})", None, None) from None
@@ -218,7 +222,7 @@ def _retry_after(err: urllib.error.HTTPError) -> float | None:
         return None
 
 
-def _status_error(base_url: str, path: str, status: int, detail: str) -> HTTPStatusError:
+def _status_error(base_url: str, url: str, status: int, detail: str) -> HTTPStatusError:
     if status in (401, 403):
         names = " or ".join(KEY_VARIABLES)
         message = (
@@ -226,7 +230,7 @@ def _status_error(base_url: str, path: str, status: int, detail: str) -> HTTPSta
             "to the server's key"
         )
     elif status == 404:
-        message = f"the server at {base_url} has no /{path.lstrip('/')} (HTTP 404: {detail})"
+        message = f"the server at {base_url} has no {url} (HTTP 404: {detail})"
     else:
-        message = f"the server at {base_url} answered HTTP {status} to /{path}: {detail}"
+        message = f"the server at {base_url} answered HTTP {status} to {url}: {detail}"
     return HTTPStatusError(message, status, detail)

@@ -4,10 +4,11 @@
   ``logprobs``: the server returns a log-prob for every prompt token (vLLM, llama-cpp-python;
   OpenAI's own models dropped it). The continuation's tokens are the ones whose text, at the
   server's own ``text_offset``, reaches past the context: the tokenization seam is the server's.
-- ``forced``: llama.cpp's ``llama-server`` refuses ``echo``. It takes a GBNF ``grammar``, so the
-  continuation is generated greedily under a grammar that allows nothing else, and each forced
-  token's log-prob is read from the model's unconstrained distribution (``logprobs`` with
-  ``post_sampling_probs`` off). The context is tokenized alone, as lm-evaluation-harness does.
+- ``forced``: llama.cpp's ``llama-server`` refuses ``echo``. It tokenizes (``/tokenize``) and takes
+  a GBNF ``grammar`` that can name tokens by id, so the context's tokens go in as the prompt and
+  the continuation's tokens are generated under a grammar that allows exactly them, one by one;
+  each forced token's log-prob is read from the model's unconstrained distribution (``logprobs``
+  with ``post_sampling_probs`` off). The seam is the server's tokenization of the whole text.
 
 Either way is only trusted after the alignment probe (ape/served/probe.py) has passed.
 """
@@ -71,7 +72,7 @@ class EchoScoring:
 
 
 class ForcedScoring:
-    """Continuation log-probs by greedy decoding under a grammar that allows only it."""
+    """Continuation log-probs by decoding under a grammar that allows only its tokens."""
 
     name = "forced"
 
@@ -81,36 +82,45 @@ class ForcedScoring:
         self.retry = True
 
     def tokens(self, context: str, continuation: str, top: int = 0) -> list[TokenLogprob]:
-        want = continuation.encode("utf-8")
+        # The server's own tokens of the whole text; the continuation's are those that reach
+        # past the context (the seam rule of `EchoScoring`).
+        asked = {"content": context + continuation, "with_pieces": True, "parse_special": False}
+        pieces = self.client.post("/tokenize", asked, retry=self.retry).get("tokens") or []
+        ids, ends, at = [], [], 0
+        for piece in pieces:
+            text = piece["piece"]
+            at += len(bytes(text) if isinstance(text, list) else text.encode("utf-8"))
+            ids.append(piece["id"])
+            ends.append(at)
+        split = next((i for i, end in enumerate(ends) if end > len(context.encode())), len(ids))
+        forced = ids[split:]
+        if not forced:
+            raise ServedModelError(
+                f"the server gave no tokens for the continuation {continuation!r}"
+            )
         body = {
             "model": self.model,
-            "prompt": context,
-            "max_tokens": len(want) + 1,  # every token is at least one byte, +1 for the end
+            "prompt": ids[:split],
+            "max_tokens": len(forced),
             "temperature": 0.0,
-            "grammar": gbnf_literal(continuation),
+            # Token by token: a string grammar lets greedy decoding split " cold" into " " and
+            # "cold" when " " alone is the likelier first token.
+            "grammar": "root ::= " + " ".join(f"<[{i}]>" for i in forced),
             "logprobs": max(1, top),
             "post_sampling_probs": False,  # the model's own distribution, not the grammar's
         }
         answer = self.client.post("completions", body, retry=self.retry)
-        content = (_choice(answer).get("logprobs") or {}).get("content")
-        if not content:
+        content = (_choice(answer).get("logprobs") or {}).get("content") or []
+        got = [item.get("id") for item in content[: len(forced)]]
+        if got != forced or any(item.get("logprob") is None for item in content[: len(forced)]):
             raise ServedModelError(
-                f"the server at {self.client.base_url} returned no token log-probs for a "
-                "grammar-forced completion"
+                f"the server at {self.client.base_url} did not follow the grammar for "
+                f"{continuation!r}: it wrote tokens {got}, not {forced}"
             )
-        got, picked = b"", []
-        for item in content:
-            if len(got) >= len(want):
-                break  # the end-of-text token after the grammar is complete
-            got += bytes(item.get("bytes") or item.get("token", "").encode("utf-8"))
-            tops = item.get("top_logprobs") or []
-            picked.append(TokenLogprob(item.get("token", ""), item.get("logprob"), _best(tops)))
-        if got != want or any(t.logprob is None for t in picked):
-            raise ServedModelError(
-                f"the server at {self.client.base_url} did not follow the grammar: it wrote "
-                f"{got.decode('utf-8', 'replace')!r}, not {continuation!r}"
-            )
-        return picked
+        return [
+            TokenLogprob(item.get("token", ""), item["logprob"], _best(item.get("top_logprobs")))
+            for item in content[: len(forced)]
+        ]
 
 
 def detect_scoring(
@@ -154,19 +164,6 @@ def legacy_logprobs(logprobs: dict[str, Any] | None) -> list[tuple[int, TokenLog
         (offset, TokenLogprob(token, value, _best(top)))
         for offset, token, value, top in zip(offsets, tokens, values, tops, strict=False)
     ]
-
-
-def gbnf_literal(text: str) -> str:
-    """A GBNF grammar whose only sentence is `text`."""
-    escaped = []
-    for char in text:
-        if char in '"\\[]':
-            escaped.append("\\" + char)
-        elif ord(char) < 0x20 or ord(char) == 0x7F:
-            escaped.append(f"\\x{ord(char):02X}")
-        else:
-            escaped.append(char)
-    return f'root ::= "{"".join(escaped)}"'
 
 
 def _choice(answer: dict[str, Any]) -> dict[str, Any]:
