@@ -346,9 +346,9 @@ def _correct_server_command(kind: str, port: int) -> tuple[list[str], dict[str, 
     """The command that starts a `kind` server on `port`, or why it cannot start here."""
     common = ["--host", "127.0.0.1", "--port", str(port), "--api-key", KEY]
     if kind == "llama-server":
-        default = Path.home() / ".cache" / "ape" / "llama-server" / "llama-server"
+        # Opt-in (minutes on a busy 2-core machine): this machine keeps one built from
+        # llama-cpp-python's vendored source in ~/.cache/ape/llama-server/.
         binary = os.environ.get("APE_LLAMA_SERVER") or shutil.which("llama-server")
-        binary = binary or (str(default) if default.is_file() else None)
         if binary is None:
             return "no llama-server binary (set APE_LLAMA_SERVER, or put it on PATH)"
         gguf = str(_embedded_gguf("smollm2-135m"))
