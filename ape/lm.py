@@ -9,7 +9,9 @@
    one row: a row is the token sequence fed to the model plus the (position, target) pairs read.
 3. Rows are sorted by their tokens, so rows sharing a prefix (one instruction across many examples)
    are neighbours. Each run of rows with a long common prefix is a group: the prefix runs once, its
-   KV cache is expanded over the batch, and only the suffixes run.
+   KV cache is expanded over the batch, and only the suffixes run. Prefix KV states are kept
+   across calls (a bounded LRU, ape/prefix_cache.py), so a prompt scored again on new examples
+   does not run its prefix again.
 4. Suffixes are packed side by side into sequences of about `pack_tokens`, with an attention mask
    that lets each one see the shared prefix and itself only, and position ids that restart per
    suffix. No compute goes to padding, and matrix multiplies get long, efficient shapes.
@@ -35,6 +37,7 @@ import numpy as np
 import torch
 
 import ape.hf_generate as hf_generate
+from ape.prefix_cache import PrefixCache, default_bytes
 from ape.scoring import PackedScorer, context_window
 
 Request = tuple[str, str]
@@ -73,7 +76,10 @@ class HFLanguageModel:
         name: str = "model",
         max_batch_tokens: int = 4096,
         pack_tokens: int = 256,
+        prefix_cache_bytes: int | None = None,
     ):
+        """`prefix_cache_bytes` caps the cross-call cache of prefix KV states (ape/prefix_cache.py;
+        None: $APE_PREFIX_CACHE_MB, else 256 MB; 0: off)."""
         self.model = model
         self.tokenizer = tokenizer
         self.name = name
@@ -82,7 +88,14 @@ class HFLanguageModel:
         bos = tokenizer.bos_token_id
         # Conditioning token for an empty context (lm-evaluation-harness uses the same choice).
         self.prefix_token_id = bos if bos is not None else tokenizer.eos_token_id
-        self.scorer = PackedScorer(model, tokenizer.pad_token_id, max_batch_tokens, pack_tokens)
+        cap = default_bytes() if prefix_cache_bytes is None else prefix_cache_bytes
+        self.scorer = PackedScorer(
+            model,
+            tokenizer.pad_token_id,
+            max_batch_tokens,
+            pack_tokens,
+            PrefixCache(cap) if cap > 0 else None,
+        )
 
     # The scorer's batch budgets, which its out-of-memory back-off halves in place.
     @property

@@ -23,6 +23,7 @@ import ape.kv_cache as kv_cache
 import ape.packing as packing
 from ape.kv_cache import LayerStates
 from ape.packing import Group, Pack, PackedBatch, Pairs
+from ape.prefix_cache import PrefixCache, usable
 
 # Per group, the KV of its shared prefix ([] for a group without one).
 PrefixStates = list[LayerStates]
@@ -37,11 +38,19 @@ def context_window(model) -> int:
 class PackedScorer:
     """Runs packed rows through a causal LM; holds the batch budgets the back-off halves."""
 
-    def __init__(self, model, pad_id: int, max_batch_tokens: int, pack_tokens: int):
+    def __init__(
+        self,
+        model,
+        pad_id: int,
+        max_batch_tokens: int,
+        pack_tokens: int,
+        prefix_cache: PrefixCache | None = None,
+    ):
         self.model = model
         self.pad_id = pad_id
         self.max_batch_tokens = max_batch_tokens
         self.pack_tokens = pack_tokens
+        self.prefix_cache = prefix_cache
 
     @property
     def device(self) -> torch.device:
@@ -106,14 +115,52 @@ class PackedScorer:
         KV `soft`, each prefix runs after it and its state starts with it; a group with no shared
         text prefix gets the soft KV alone.
         """
+        cache = self.prefix_cache if self.prefix_cache is not None and usable(soft) else None
         states: PrefixStates = [[] for _ in groups]
-        for batch in packing.batched(packing.prefix_packs(groups), self.max_batch_tokens):
+        starts: PrefixStates = [[] for _ in groups]
+        if cache is not None:
+            self.read_cached(groups, states, starts, cache)
+        todo = [p for p in packing.prefix_packs(groups) if not states[p.group]]
+        fresh = [p for p in todo if not starts[p.group]]
+        for batch in packing.batched(fresh, self.max_batch_tokens):
             self.with_backoff(self.prefix_batch, batch, states, soft)
+        # The rest of a prefix whose start is cached runs after that start's KV.
+        rest = [
+            Pack(p.rows, starts[p.group][0][0].shape[2], p.group) for p in todo if p not in fresh
+        ]
+        for batch in packing.batched(rest, self.max_batch_tokens):
+            self.with_backoff(self.extend_batch, batch, starts, states)
+        if cache is not None:
+            for one in todo:
+                cache.put(one.rows[0].tokens, states[one.group])
         if soft is not None:
             for k, group in enumerate(groups):
                 if not group.prefix_len:
                     states[k] = soft
         return states
+
+    @staticmethod
+    def read_cached(
+        groups: list[Group], states: PrefixStates, starts: PrefixStates, cache: PrefixCache
+    ) -> None:
+        """Fill `states` (whole prefixes) and `starts` (their starts) from the cache.
+
+        A group whose prefix the cache holds only the start of is either cut back to that start
+        when the rest is a few tokens (a common start of the examples after the prompt, say: its
+        rows then run those tokens), or its prefix is marked to run after the cached start.
+        """
+        for k, group in enumerate(groups):
+            if not group.prefix_len:
+                continue
+            held, state = cache.longest(group.rows[0].tokens[: group.prefix_len])
+            if held < packing.MIN_SHARED_PREFIX:
+                continue
+            cache.read_tokens += held
+            if (group.prefix_len - held) * len(group.rows) <= held:
+                group.prefix_len = held
+                states[k] = state
+            else:
+                starts[k] = state
 
     def prefix_batch(
         self, batch: list[Pack], states: PrefixStates, soft: LayerStates | None = None
@@ -130,6 +177,25 @@ class PackedScorer:
             ((_, end),) = packed.spans[b]
             keep = slice(0, offset + end)
             states[one.group] = [(k[b : b + 1, :, keep], v[b : b + 1, :, keep]) for k, v in layers]
+
+    def extend_batch(self, batch: list[Pack], starts: PrefixStates, states: PrefixStates) -> None:
+        """Run the rest of each prefix after its cached start; store start + rest in `states`."""
+        width = max(p.prefix_len for p in batch)
+        packed = packing.pack(batch, width, self.pad_id)
+        cache = kv_cache.padded_cache(self.model.config, [starts[p.group] for p in batch], width)
+        _, cache = self.run(packed, cache, keep_cache=True)
+        layers = kv_cache.layer_states(cache)
+        for b, one in enumerate(batch):
+            # The start sits left-aligned in the first `width` slots, the rest after them.
+            ((_, end),) = packed.spans[b]
+            held, rest = slice(0, one.prefix_len), slice(width, width + end)
+            states[one.group] = [
+                (
+                    torch.cat([k[b : b + 1, :, held], k[b : b + 1, :, rest]], dim=2),
+                    torch.cat([v[b : b + 1, :, held], v[b : b + 1, :, rest]], dim=2),
+                )
+                for k, v in layers
+            ]
 
     def with_backoff(self, step: Callable[..., None], packs: list[Pack], *args) -> None:
         """Run `step(packs, *args)`, halving the batch on out-of-memory until one row fails."""

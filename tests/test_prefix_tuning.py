@@ -1,17 +1,25 @@
 """Prefix tuning and P-tuning: the key/value prefix scored exactly, trained, refused where it
-cannot go; P-tuning's encoders; label-balanced batches; selection that keeps the start."""
+cannot go; P-tuning's encoders. And how every soft run starts and ends: the text init (step 0 is
+the text prompt), label-balanced batches, selection that keeps the start."""
 
 from __future__ import annotations
 
 import copy
+import json
 from collections import Counter
 
 import numpy as np
 import pytest
 import torch
 import transformers
-from ape.search.soft.init import initial_kv, instruction_tokens
-from ape.search.soft.prompt import SoftPrompt
+from ape.search.soft.init import (
+    DEFAULT_TOKENS,
+    FREQUENT_TOKENS,
+    initial_kv,
+    initial_vectors,
+    instruction_tokens,
+)
+from ape.search.soft.prompt import SoftPrompt, nearest_tokens
 from ape.search.soft.training import balanced_batches
 from test_soft_prompt import REQUESTS, TOL, _sentiment_task
 
@@ -19,6 +27,7 @@ import ape
 import ape.kv_cache as kv_cache
 from ape.lm import HFLanguageModel
 from ape.prompt import Prompt, VectorPrefix
+from ape.result import Result
 
 
 def random_kv(lm: HFLanguageModel, n: int = 5, seed: int = 0) -> torch.Tensor:
@@ -209,3 +218,112 @@ def test_kv_labels_come_back_as_kv_prefixes(tiny_lm):
     assert Prompt.from_text(soft.label).render("cat") == "Input: cat\nOutput:"
     with pytest.raises(ValueError, match="keys and values, got"):
         VectorPrefix.of(torch.zeros(2, 2, 2))
+
+
+def test_init_options(tiny_lm):
+    generator = torch.Generator().manual_seed(0)
+    table = tiny_lm.model.get_input_embeddings().weight.detach()
+    # 'text' starts as the instruction's tokens as the template renders them, in context.
+    rendered = tiny_lm.tokenizer(Prompt("great movie").context("x"), add_special_tokens=False)
+    template = tiny_lm.tokenizer(Prompt("").context("x"), add_special_tokens=False)
+    words = rendered["input_ids"][: -len(template["input_ids"])]
+    assert tiny_lm.tokenizer.decode(words).startswith("Instruction: great movie")
+    vectors, ids = initial_vectors(tiny_lm, "text", 0, "great movie", generator)
+    assert ids == words and torch.equal(vectors, table[ids])  # n = 0: the text's own length
+    _, ids = initial_vectors(tiny_lm, "text", 2 * len(words) + 1, "great movie", generator)
+    assert ids == (words * 3)[: 2 * len(words) + 1]  # tiled
+    _, ids = initial_vectors(tiny_lm, "text", 1, "great movie", generator)
+    assert ids == words[:1]  # trimmed
+    _, ids = initial_vectors(tiny_lm, "vocab", 50, "", generator)
+    special = set(tiny_lm.tokenizer.all_special_ids)
+    assert all(i not in special and i < FREQUENT_TOKENS + len(special) for i in ids)
+    vectors, ids = initial_vectors(tiny_lm, "random", 3, "", generator)
+    assert ids == [] and vectors.shape == (3, table.shape[1])
+    assert initial_vectors(tiny_lm, "random", 0, "", generator)[0].shape[0] == DEFAULT_TOKENS
+    assert nearest_tokens(table[[100, 2000, 40000]], tiny_lm) == [100, 2000, 40000]
+
+
+def test_step_zero_of_a_text_init_is_the_text_prompt(tiny_lm, single_thread):
+    """Untrained vectors from --init-text score exactly as that instruction does."""
+    from ape.prefix import PrefixedModel
+
+    task, text = _sentiment_task(), "Is the day good or bad?"
+    result = ape.optimize(
+        task,
+        model=tiny_lm,
+        searcher="soft",
+        evaluator="choice",
+        progress=False,
+        init_text=text,
+        steps=1,
+    )
+    entry = next(e for e in result.leaderboard if e.origin == "soft: initial prompt")
+    as_text = ape.evaluate(task, [text], model=tiny_lm, evaluator="choice", split="val")[0]
+    assert entry.val_score == pytest.approx(as_text)
+    table = tiny_lm.model.get_input_embeddings().weight.detach()
+    start = SoftPrompt(table[result.extras["soft_prompt"]["init_tokens"]], "tiny")
+    assert start.label == entry.instruction
+    evaluator = ape.evaluation.make_evaluator("choice", task)
+    ours = evaluator.label_logprobs(
+        PrefixedModel(tiny_lm, start.prefix), [start.prompt()], task.val
+    )
+    theirs = evaluator.label_logprobs(tiny_lm, [Prompt(text)], task.val)
+    np.testing.assert_allclose(ours, theirs, atol=TOL, rtol=0)
+
+
+def test_searcher_records_checkpoints_and_saves_the_best(tiny_lm, tmp_path, single_thread):
+    task = _sentiment_task()
+    result = ape.optimize(
+        task,
+        model=tiny_lm,
+        searcher="soft",
+        evaluator="choice",
+        progress=False,
+        seed=3,
+        n_tokens=4,
+        lr=0.05,
+        steps=6,
+        batch_size=4,
+        eval_every=2,
+        patience=10,
+        init="vocab",
+    )
+    extras = result.extras["soft_prompt"]
+    assert [c["step"] for c in extras["checkpoints"]] == [0, 2, 4, 6]
+    assert len(extras["training_curve"]) == 6
+    # The lowest validation loss (the first of ties) is the one trained candidate.
+    losses = [(c["val_loss"], c["step"]) for c in extras["checkpoints"]]
+    picked = min(losses)[1]
+    entries = {e.origin: e for e in result.leaderboard}
+    start = entries["soft: initial prompt"]
+    assert start.instruction == extras["start_label"]
+    trained = [o for o in entries if o.startswith("soft step")]
+    assert trained == ([f"soft step {picked}"] if picked else [])
+    projection = extras["projection"]
+    scored = len(trained) + 1 + (projection["val_score"] is not None)
+    # 6 steps of 4 training examples, 4 validation losses, the candidates on the 8 val rows.
+    assert result.budget_used == 6 * 4 + 4 * len(task.val) + scored * len(task.val)
+    # The artifact is the better of the two on validation, ties to the initial prompt.
+    soft = result.artifacts["soft_prompt"]
+    entry = next(e for e in result.leaderboard if e.instruction == soft.label)
+    assert soft.label == extras["best_label"]
+    assert entry.val_score >= start.val_score
+    if trained:
+        assert (soft.label == start.instruction) == (
+            entries[trained[0]].val_score <= start.val_score
+        )
+    assert projection["token_ids"] == nearest_tokens(soft.vectors, tiny_lm)
+    if projection["val_score"] is not None:
+        assert any(e.instruction == projection["text"] for e in result.leaderboard)
+
+    path = result.save(tmp_path / "run.json")
+    folder = Result.load(path).file("soft_prompt", path)
+    assert folder == tmp_path / "run.files" / "soft_prompt"
+    loaded = SoftPrompt.load(folder)
+    assert loaded.label == soft.label and torch.equal(loaded.vectors, soft.vectors)
+    assert (
+        json.loads((folder / "soft_prompt.json").read_text())["info"]["step"] == soft.info["step"]
+    )
+    # The saved vectors score as the run scored them.
+    again = ape.evaluate(task, [loaded.prompt()], model=tiny_lm, evaluator="choice", split="val")
+    assert again[0] == pytest.approx(entry.val_score)
