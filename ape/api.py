@@ -64,23 +64,19 @@ def optimize(
     `length_penalty` lowers each validation mean by that much per prompt token (ties always go
     to the shorter prompt). `Result.evidence` compares the best prompt with each baseline on
     test, and with `metric_evidence` also under the task's metric by greedy generation.
-    `searcher` and `evaluator` are names or instances; `options` configure a named searcher,
-    and those that name an option of a named evaluator configure it (``calibrate=True`` for
-    `choice`). ``label_words="search"`` has a searcher that takes it (whole, ape, tpe) search the
-    answer words of a classification task too (the `choice` evaluator).
+    `searcher` and `evaluator` are names or instances; `options` configure them (a named
+    evaluator's own, e.g. ``calibrate=True``, go to it); ``label_words="search"`` has whole, ape
+    or tpe search a classification task's answer words too.
     """
     started = time.perf_counter()
     served = usage_totals()  # what served models had used before this run
-    check_counts(budget=budget, test_top=test_top, val_examples=val_examples)
-    _check_settings(workers, storage, evaluator, length_penalty)
+    _check_settings(workers, storage, evaluator, length_penalty, budget, test_top, val_examples)
     task = resolve_task(task_or_path, seed=seed)
     task = task if test_examples is None else task.sample_test(test_examples, seed)
     own, options = split_options(evaluator, options)  # the evaluator's options, the searcher's
     scorer_options = evaluator_options(evaluator, task, **own)
     scorer = make_evaluator(evaluator, task, **scorer_options)
-    search = _searcher(searcher, options)  # bad names and options fail before the model loads
-    check(search, scorer)  # so does an evaluator that cannot serve the searcher
-    check_label_words(search, scorer)  # and a label-word search without label words
+    search = _checked_searcher(searcher, options, scorer)
     lm = resolve_model(model)
 
     store = _open_store(task, lm, scorer, storage, study, progress)
@@ -91,16 +87,29 @@ def optimize(
     )
     meta = _meta(objective, search, scorer, {**options, **own}, storage, budget)
     metric = partial(_metric_objective, objective, storage) if metric_evidence else None
-    report = dict(metric_objective=metric)
     try:
-        result = _search(search, objective, meta, started, test_top, report)
+        result = _search(search, objective, meta, started, test_top, {"metric_objective": metric})
         result.model_tokens = usage_since(served)
         return result
     finally:
-        objective.close()
-        if pool is not None:
-            store.jobs.close_for_workers()
-            pool.stop()
+        _close(objective, store, pool)
+
+
+def _close(objective: Objective, store, pool) -> None:
+    """Close the objective's resources, then the local workers (after their jobs are done)."""
+    objective.close()
+    if pool is not None:
+        store.jobs.close_for_workers()
+        pool.stop()
+
+
+def _checked_searcher(searcher: str | Any, options: dict[str, Any], scorer) -> Any:
+    """The searcher, with every check that can fail before the model loads: its name and
+    options, an evaluator that cannot serve it, a label-word search without label words."""
+    search = _searcher(searcher, options)
+    check(search, scorer)
+    check_label_words(search, scorer)
+    return search
 
 
 def check_label_words(search, scorer) -> None:
@@ -148,7 +157,10 @@ def _metric_objective(objective: Objective, storage: str | None, name: str) -> O
     return Objective(task, lm, scorer, store, progress=objective.progress, **settings)
 
 
-def _check_settings(workers: int, storage: str | None, evaluator, length_penalty: float) -> None:
+def _check_settings(
+    workers: int, storage: str | None, evaluator, length_penalty: float, budget, test_top, val
+) -> None:
+    check_counts(budget=budget, test_top=test_top, val_examples=val)
     if length_penalty < 0:
         raise ValueError(f"length_penalty must be 0 or more, got {length_penalty}")
     if workers and not isinstance(evaluator, str):

