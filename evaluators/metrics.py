@@ -83,6 +83,14 @@ METRICS: dict[str, Callable[[str, str], float]] = {
 }
 
 
+# The metrics that read a prediction through `normalize`, which keeps only its first sentence:
+# text after the first "." never changes their score.
+FIRST_SENTENCE = frozenset({"em", "contains", "f1", "es"})
+# The metrics that score 0 unless the prediction's words are a reference's words: a prediction
+# far longer than every reference cannot score.
+WHOLE_ANSWER = frozenset({"em", "es"})
+
+
 def score(prediction: str, answers: Sequence[str], metric: str) -> float:
     """Best score of ``prediction`` over the acceptable ``answers`` (0.0 if there are none)."""
     if metric not in METRICS:

@@ -10,6 +10,7 @@ from ape.evaluators.base import Evaluator, available_evaluators, get_evaluator
 from ape.evaluators.choice import ChoiceEvaluator
 from ape.evaluators.generation import GenerationEvaluator
 from ape.evaluators.loglik import LoglikEvaluator, LoglikSumEvaluator
+from ape.evaluators.metrics import FIRST_SENTENCE, score
 
 from ape.prompt import Prompt
 from ape.reference import reference_loglikelihood
@@ -115,8 +116,19 @@ def test_generation_scores_rendered_prompts():
 
     texts, kwargs = lm.calls[-1]
     assert texts == [prompt.render(ex.input) for ex in EXAMPLES]
-    assert kwargs["stop"] == ["\n"] and kwargs["temperature"] == 0.0
+    assert kwargs["stop"] == ["\n", "."] and kwargs["temperature"] == 0.0
     assert kwargs["max_new_tokens"] == 5
+    GenerationEvaluator(metric="accuracy").score(lm, [prompt], EXAMPLES)
+    assert lm.calls[-1][1]["stop"] == ["\n"]  # labels are compared whole, dots included
+
+
+@pytest.mark.parametrize("metric", sorted(FIRST_SENTENCE))
+def test_text_after_the_first_sentence_changes_no_score(metric):
+    """Why generation may stop at the first ".": these metrics score the first sentence only."""
+    answers = ["cold", "very cold", "ice and snow", "3"]
+    for first in ("cold", "Very cold", " ice, snow and", "3", "", "the answer is cold"):
+        for rest in (". It is cold", ".", ".5 and more. Sentence 1: cold", "..x"):
+            assert score(first + rest, answers, metric) == score(first, answers, metric)
 
 
 def test_generation_grid_is_one_call_in_prompt_major_order():
@@ -313,3 +325,17 @@ def test_training_losses_match_the_scores_they_smooth(tiny_lm):
     gold = torch.tensor([0, 1, 2])
     expected = float(torch.nn.functional.cross_entropy(logits, gold))
     assert loss(vectors, EXAMPLES).item() == pytest.approx(expected, abs=1e-4)
+
+
+def test_answers_under_em_get_room_for_twice_the_longest_reference(tiny_lm):
+    longest = max(
+        len(tiny_lm.tokenizer(" " + a, add_special_tokens=False)["input_ids"])
+        for ex in EXAMPLES
+        for a in ex.answers
+    )
+    assert GenerationEvaluator().answer_room(tiny_lm, EXAMPLES) == 2 * longest + 4 < 32
+    assert GenerationEvaluator(metric="es", max_new_tokens=3).answer_room(tiny_lm, EXAMPLES) == 3
+    for metric in ("f1", "contains", "accuracy"):  # a long answer can still score under these
+        assert GenerationEvaluator(metric=metric).answer_room(tiny_lm, EXAMPLES) == 32
+    lm = FakeGenerator({})  # no tokenizer: the configured limit
+    assert GenerationEvaluator().answer_room(lm, EXAMPLES) == 32
