@@ -154,7 +154,9 @@ def _metric_objective(objective: Objective, storage: str | None, name: str) -> O
     scorer = make_evaluator(name, task, **evaluator_options(name, task))
     store = _open_store(task, lm, scorer, storage, f"{objective.store.study_name}.{name}", False)
     settings = dict(seed=objective.seed, val_examples=objective.val_examples)
-    return Objective(task, lm, scorer, store, progress=objective.progress, **settings)
+    return Objective(
+        task, lm, scorer, store, progress=objective.progress, budget_bar=False, **settings
+    )
 
 
 def _check_settings(

@@ -55,7 +55,10 @@ class Objective:
         progress: bool = True,
         workers=None,
         length_penalty: float = 0.0,
+        budget_bar: bool = True,
     ):
+        """`budget_bar`: show the budget's progress bar (an objective that only scores evidence,
+        outside any budget, has none to show)."""
         check_counts(val_examples=val_examples)
         if not task.val:
             raise ValueError(f"task {task.name!r} has no validation examples")
@@ -78,7 +81,11 @@ class Objective:
         self.progress = progress
         self.budget = Budget(budget)
         self.budget.bar = tqdm(
-            total=budget, desc="scoring", unit="unit", disable=not progress, dynamic_ncols=True
+            total=budget,
+            desc="scoring",
+            unit="unit",
+            disable=not (progress and budget_bar),
+            dynamic_ncols=True,
         )
         self._best = BestSoFar([e.key() for e in self.val_pool])
         self._scoring = Dispatch(
@@ -233,7 +240,7 @@ class Objective:
         # run resumes from the last stored chunk instead of scoring the split again.
         bar = tqdm(
             total=len(prompts) * len(examples),
-            desc=f"scoring {split}",
+            desc=f"scoring {split} ({getattr(self.evaluator, 'name', 'score')})",
             unit="pair",
             disable=not self.progress or split == "val",
             dynamic_ncols=True,
