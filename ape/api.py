@@ -76,7 +76,7 @@ def optimize(
     own, options = split_options(evaluator, options)  # the evaluator's options, the searcher's
     scorer_options = evaluator_options(evaluator, task, **own)
     scorer = make_evaluator(evaluator, task, **scorer_options)
-    search = _checked_searcher(searcher, options, scorer)
+    search = _checked_searcher(searcher, options, scorer, task)
     lm = resolve_model(model)
 
     store = _open_store(task, lm, scorer, storage, study, progress)
@@ -103,12 +103,15 @@ def _close(objective: Objective, store, pool) -> None:
         pool.stop()
 
 
-def _checked_searcher(searcher: str | Any, options: dict[str, Any], scorer) -> Any:
+def _checked_searcher(searcher: str | Any, options: dict[str, Any], scorer, task: Task) -> Any:
     """The searcher, with every check that can fail before the model loads: its name and
-    options, an evaluator that cannot serve it, a label-word search without label words."""
+    options, an evaluator that cannot serve it, a label-word search without label words, a task
+    it cannot search (its optional `check_task`)."""
     search = _searcher(searcher, options)
     check(search, scorer)
     check_label_words(search, scorer)
+    if hasattr(search, "check_task"):
+        search.check_task(task)
     return search
 
 

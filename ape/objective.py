@@ -55,10 +55,8 @@ class Objective:
         progress: bool = True,
         workers=None,
         length_penalty: float = 0.0,
-        budget_bar: bool = True,
+        budget_bar: bool = True,  # False: only evidence is scored, outside any budget
     ):
-        """`budget_bar`: show the budget's progress bar (an objective that only scores evidence,
-        outside any budget, has none to show)."""
         check_counts(val_examples=val_examples)
         if not task.val:
             raise ValueError(f"task {task.name!r} has no validation examples")
@@ -80,12 +78,9 @@ class Objective:
         self.artifacts: dict[str, Artifact] = {}  # saved as files next to the result
         self.progress = progress
         self.budget = Budget(budget)
+        shown = progress and budget_bar
         self.budget.bar = tqdm(
-            total=budget,
-            desc="scoring",
-            unit="unit",
-            disable=not (progress and budget_bar),
-            dynamic_ncols=True,
+            total=budget, desc="scoring", unit="unit", disable=not shown, dynamic_ncols=True
         )
         self._best = BestSoFar([e.key() for e in self.val_pool])
         self._scoring = Dispatch(

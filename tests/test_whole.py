@@ -53,6 +53,9 @@ def test_max_demos_0_is_instruction_only(task_file, tiny_lm):
 def test_too_few_training_rows_for_the_demos_asked(task_file, tiny_lm):
     with pytest.raises(ValueError, match=r"max_demos=99, but the training split has \d+ rows"):
         run(task_file, tiny_lm, max_demos=99)
+    # before any model loads: a missing model would be the other error
+    with pytest.raises(ValueError, match=r"max_demos=99"):
+        ape.optimize(task_file, model="no-such-model", max_demos=99, progress=False)
 
 
 def test_candidates_past_the_window_are_skipped_with_a_note(

@@ -105,13 +105,17 @@ class WholePromptSearcher(ProposalOptions):
         )
 
     # ----------------------------------------------------------------------------- the search
+    def check_task(self, task) -> None:
+        """One line, before the model loads, when the training split cannot give the demos."""
+        if self.max_demos > len(task.train):
+            raise ValueError(
+                f"task {task.name!r}: max_demos={self.max_demos}, but the training split has "
+                f"{len(task.train)} rows; pass --max-demos {len(task.train)} or fewer"
+            )
+
     def search(self, objective: Objective) -> None:
         train = objective.task.train
-        if self.max_demos > len(train):
-            raise ValueError(
-                f"task {objective.task.name!r}: max_demos={self.max_demos}, but the training "
-                f"split has {len(train)} rows; pass --max-demos {len(train)} or fewer"
-            )
+        self.check_task(objective.task)
         pool = _Pool(objective, self.minibatch, self.c, objective.length_penalty)
         pool.add(self._baselines(objective), full=True)
         pool.word_sets = self._word_sets(objective, pool)
