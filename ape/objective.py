@@ -37,9 +37,8 @@ class Objective:
     """Scores prompts on task examples for a searcher, within a budget, through a trial store.
 
     `val_order` is one seeded permutation of the validation split shared by every candidate:
-    searchers take minibatches from its front in order, so candidates are compared on the same
-    examples (lower-variance comparisons) and a finished candidate's score is its mean over the
-    first `len(val)` examples of this order.
+    searchers take minibatches from its front, so candidates are compared on the same examples
+    and a finished candidate's score is its mean over the first `len(val)` of this order.
     """
 
     def __init__(
@@ -58,6 +57,7 @@ class Objective:
         budget_bar: bool = True,  # False: only evidence is scored, outside any budget
     ):
         check_counts(val_examples=val_examples)
+        budget_bar = budget_bar and progress
         if not task.val:
             raise ValueError(f"task {task.name!r} has no validation examples")
         self.task = task
@@ -78,9 +78,8 @@ class Objective:
         self.artifacts: dict[str, Artifact] = {}  # saved as files next to the result
         self.progress = progress
         self.budget = Budget(budget)
-        shown = progress and budget_bar
         self.budget.bar = tqdm(
-            total=budget, desc="scoring", unit="unit", disable=not shown, dynamic_ncols=True
+            total=budget, desc="scoring", unit="unit", disable=not budget_bar, dynamic_ncols=True
         )
         self._best = BestSoFar([e.key() for e in self.val_pool])
         self._scoring = Dispatch(
