@@ -21,7 +21,7 @@ from ape.search.soft.init import (
 )
 from ape.search.soft.prompt import SoftPrompt, nearest_tokens
 from ape.search.soft.training import balanced_batches
-from test_soft_prompt import REQUESTS, TOL, _sentiment_task
+from test_soft_prompt import REQUESTS, TOL, _sentiment_task, soft_run
 
 import ape
 import ape.kv_cache as kv_cache
@@ -100,12 +100,8 @@ def test_gradients_reach_the_kv_prefix(tiny_lm):
 
 def _optimize(tiny_lm, **options):
     defaults = dict(steps=4, eval_every=2, batch_size=4, lr=0.05, seed=3)
-    return ape.optimize(
-        _sentiment_task(),
-        model=tiny_lm,
-        searcher="soft",
-        evaluator="choice",
-        progress=False,
+    return soft_run(
+        tiny_lm,
         **{**defaults, **options},
     )
 
@@ -248,12 +244,9 @@ def test_step_zero_of_a_text_init_is_the_text_prompt(tiny_lm, single_thread):
     from ape.prefix import PrefixedModel
 
     task, text = _sentiment_task(), "Is the day good or bad?"
-    result = ape.optimize(
-        task,
-        model=tiny_lm,
-        searcher="soft",
-        evaluator="choice",
-        progress=False,
+    result = soft_run(
+        tiny_lm,
+        task=task,
         init_text=text,
         steps=1,
     )
@@ -273,12 +266,9 @@ def test_step_zero_of_a_text_init_is_the_text_prompt(tiny_lm, single_thread):
 
 def test_searcher_records_checkpoints_and_saves_the_best(tiny_lm, tmp_path, single_thread):
     task = _sentiment_task()
-    result = ape.optimize(
-        task,
-        model=tiny_lm,
-        searcher="soft",
-        evaluator="choice",
-        progress=False,
+    result = soft_run(
+        tiny_lm,
+        task=task,
         seed=3,
         n_tokens=4,
         lr=0.05,

@@ -126,12 +126,9 @@ def test_a_soft_label_renders_as_the_template_and_needs_its_vectors(tiny_lm):
 
 def test_same_seed_same_soft_prompt(tiny_lm, single_thread):
     def run(seed: int) -> str:
-        result = ape.optimize(
-            _sentiment_task(),
-            model=tiny_lm,
-            searcher="soft",
+        result = soft_run(
+            tiny_lm,
             evaluator="loglik",
-            progress=False,
             test_top=1,
             seed=seed,
             init="random",
@@ -146,12 +143,8 @@ def test_same_seed_same_soft_prompt(tiny_lm, single_thread):
 
 
 def test_pez_checkpoints_are_token_sequences(tiny_lm, single_thread):
-    result = ape.optimize(
-        _sentiment_task(),
-        model=tiny_lm,
-        searcher="soft",
-        evaluator="choice",
-        progress=False,
+    result = soft_run(
+        tiny_lm,
         mode="pez",
         init="random",
         n_tokens=4,
@@ -168,12 +161,9 @@ def test_pez_checkpoints_are_token_sequences(tiny_lm, single_thread):
 
 def test_budget_stops_training_and_keeps_the_best(tiny_lm, single_thread):
     task = _sentiment_task()
-    result = ape.optimize(
-        task,
-        model=tiny_lm,
-        searcher="soft",
-        evaluator="choice",
-        progress=False,
+    result = soft_run(
+        tiny_lm,
+        task=task,
         budget=30,
         steps=50,
         batch_size=4,
@@ -237,6 +227,13 @@ def _examples() -> list[Example]:
     return rows
 
 
+def soft_run(tiny_lm, task: Task | None = None, **options):
+    """`ape.optimize` with the soft searcher, quietly: the sentiment task, `choice` by default."""
+    options.setdefault("evaluator", "choice")
+    task = task or _sentiment_task()
+    return ape.optimize(task, model=tiny_lm, searcher="soft", progress=False, **options)
+
+
 def _sentiment_task() -> Task:
     rows = _examples()
     order = np.random.default_rng(0).permutation(len(rows))
@@ -252,12 +249,8 @@ def _sentiment_task() -> Task:
 
 
 def test_default_init_text_names_the_label_words(tiny_lm, single_thread):
-    result = ape.optimize(
-        _sentiment_task(),
-        model=tiny_lm,
-        searcher="soft",
-        evaluator="choice",
-        progress=False,
+    result = soft_run(
+        tiny_lm,
         steps=1,
         n_tokens=2,
     )
@@ -329,13 +322,9 @@ def test_a_resumed_soft_run_replays_its_checkpoints(tiny_lm, tmp_path, single_th
     storage = f"sqlite:///{tmp_path / 'soft.db'}"
 
     def run():
-        return ape.optimize(
-            _sentiment_task(),
-            model=tiny_lm,
-            searcher="soft",
-            evaluator="choice",
+        return soft_run(
+            tiny_lm,
             storage=storage,
-            progress=False,
             init="random",
             n_tokens=2,
             steps=2,
