@@ -40,17 +40,29 @@ def install(revision: str) -> Path:
     if (target / "ape").is_dir():
         return target
     tree = Path(tempfile.mkdtemp(prefix="ape-e2e-src-"))
-    subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(tree), revision],
-                   check=True)
+    subprocess.run(
+        ["git", "-C", str(REPO), "worktree", "add", "--detach", str(tree), revision], check=True
+    )
     try:
         subprocess.run(
-            [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-             "--target", str(target), str(tree)],
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "install",
+                "-q",
+                "--no-deps",
+                "--no-build-isolation",
+                "--target",
+                str(target),
+                str(tree),
+            ],
             check=True,
         )
     finally:
-        subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(tree)],
-                       check=True)
+        subprocess.run(
+            ["git", "-C", str(REPO), "worktree", "remove", "--force", str(tree)], check=True
+        )
     return target
 
 
@@ -60,11 +72,24 @@ def run_once(version: str, path: Path | None, task: str, out: Path) -> dict[str,
     if path is not None:
         env["PYTHONPATH"] = str(path)
     result_file = out / "runs" / f"{task}-{version}.json"
-    command = [sys.executable, "-m", "ape", "optimize", str(DATA / task), "--seed", "0",
-               "--storage", "memory", "--quiet", "--out", str(result_file)]
+    command = [
+        sys.executable,
+        "-m",
+        "ape",
+        "optimize",
+        str(DATA / task),
+        "--seed",
+        "0",
+        "--storage",
+        "memory",
+        "--quiet",
+        "--out",
+        str(result_file),
+    ]
     started = time.perf_counter()
-    subprocess.run(command, check=True, env=env, cwd=tempfile.gettempdir(),
-                   stdout=subprocess.DEVNULL)
+    subprocess.run(
+        command, check=True, env=env, cwd=tempfile.gettempdir(), stdout=subprocess.DEVNULL
+    )
     wall = time.perf_counter() - started
     result = json.loads(result_file.read_text())
     timings = result["timings"]
@@ -133,8 +158,12 @@ def main(argv: list[str] | None = None) -> int:
     versions: list[tuple[str, Path | None]] = []
     if args.before:
         versions.append((f"before ({args.before})", install(args.before)))
-    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
-                          capture_output=True, text=True, check=True).stdout.strip()
+    head = subprocess.run(
+        ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     versions.append((f"after ({head})", None))
     rows = []
     for task in args.tasks.split(","):
