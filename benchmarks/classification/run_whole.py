@@ -110,7 +110,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     (args.out / "runs").mkdir(parents=True, exist_ok=True)
     lm = ape.load_model()
-    rows = []
     for seed in map(int, args.seeds.split(",")):
         for dataset in args.datasets.split(","):
             path = args.out / "runs" / f"{dataset}-seed{seed}.summary.json"
@@ -118,7 +117,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"== {dataset} seed {seed}", file=sys.stderr, flush=True)
                 row = run_one(dataset, seed, lm, args.test_rows, args.out)
                 path.write_text(json.dumps(row, indent=2) + "\n")
-            rows.append(json.loads(path.read_text()))
+    # The table covers every run in the folder, not only this invocation's.
+    rows = [json.loads(p.read_text()) for p in (args.out / "runs").glob("*.summary.json")]
+    rows.sort(key=lambda r: (list(DATASETS).index(r["dataset"]), r["seed"]))
     text = table(rows, machine_line(describe_machine(lm.device)), args.test_rows)
     (args.out / "summary.md").write_text(text + "\n")
     print(text)
