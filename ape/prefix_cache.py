@@ -71,7 +71,7 @@ class PrefixCache:
 
     def put(self, tokens: tuple[int, ...], state: LayerStates) -> None:
         """Keep `state` (the KV of `tokens`, copied out of its batch) and evict down to the cap."""
-        size = sum(k.nelement() * k.element_size() * 2 for k, _ in state)
+        size = nbytes(state)
         if not tokens or size > self.max_bytes or tokens in self.entries:
             return
         # A cached key that starts the new one is served by the new one from now on.
@@ -85,11 +85,16 @@ class PrefixCache:
 
     def drop(self, key: tuple[int, ...]) -> None:
         _, state = self.entries.pop(key)
-        self.bytes -= sum(k.nelement() * k.element_size() * 2 for k, _ in state)
+        self.bytes -= nbytes(state)
 
     def clear(self) -> None:
         self.entries.clear()
         self.bytes = 0
+
+
+def nbytes(state: LayerStates) -> int:
+    """Bytes of a state's keys and values (of one shape per layer)."""
+    return sum(k.nelement() * k.element_size() + v.nelement() * v.element_size() for k, v in state)
 
 
 def usable(soft: object | None) -> bool:

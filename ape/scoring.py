@@ -126,7 +126,7 @@ class PackedScorer:
             self.with_backoff(self.prefix_batch, batch, states, soft)
         # The rest of a prefix whose start is cached runs after that start's KV.
         rest = [
-            Pack(p.rows, starts[p.group][0][0].shape[2], p.group) for p in todo if p not in fresh
+            Pack(p.rows, starts[p.group][0][0].shape[2], p.group) for p in todo if starts[p.group]
         ]
         for batch in packing.batched(rest, self.max_batch_tokens):
             self.with_backoff(self.extend_batch, batch, starts, states)
