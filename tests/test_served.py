@@ -24,6 +24,8 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -97,6 +99,17 @@ class ServerProcess:
             self.process.wait()
 
 
+@dataclass
+class Hold:
+    """Requests that `rule` matches wait for `released`, then go on to the server or, unless
+    `forward`, are dropped unanswered. Each hold has its own event and choice, so a request held
+    by one hold is never decided by the next."""
+
+    rule: Callable[[dict], bool]
+    forward: bool
+    released: threading.Event = field(default_factory=threading.Event)
+
+
 class CountingProxy:
     """Forwards POSTs to `upstream`; records those the server answered; can hold the requests
     that match a rule until the test releases them (then forwarded, or dropped unanswered)."""
@@ -104,10 +117,8 @@ class CountingProxy:
     def __init__(self, upstream: str):
         self.upstream = upstream
         self.answered: list[dict] = []
-        self.hold_rule = None  # body -> bool: requests that match wait for `release`
+        self.holding: Hold | None = None  # requests its rule matches wait for `release`
         self.held = threading.Event()
-        self.released = threading.Event()
-        self.forward_held = True
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -116,11 +127,11 @@ class CountingProxy:
 
             def do_POST(self):
                 body = self.rfile.read(int(self.headers["Content-Length"]))
-                rule = proxy.hold_rule
-                if rule is not None and rule(json.loads(body)):
+                hold = proxy.holding  # this request answers to the hold it met, not a later one
+                if hold is not None and hold.rule(json.loads(body)):
                     proxy.held.set()
-                    proxy.released.wait(120)
-                    if not proxy.forward_held:
+                    hold.released.wait(120)
+                    if not hold.forward:
                         self.close_connection = True  # the client was killed: nothing to send
                         return
                 proxy.forward(self, body)
@@ -153,13 +164,13 @@ class CountingProxy:
         handler.wfile.write(data)
 
     def hold(self, rule, forward: bool = True) -> None:
-        self.hold_rule, self.forward_held = rule, forward
         self.held.clear()
-        self.released.clear()
+        self.holding = Hold(rule, forward)
 
     def release(self) -> None:
-        self.released.set()
-        self.hold_rule = None
+        hold, self.holding = self.holding, None
+        if hold is not None:
+            hold.released.set()
 
     def close(self) -> None:
         self.release()
