@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from ape.cpu_linear import use_weight_left
 from ape.device import resolve_device, resolve_dtype
 from ape.lm import HFLanguageModel, LanguageModel
 from ape.model_error import ModelError
@@ -54,6 +55,8 @@ def load_model(
     directory = _local_directory(name)
     model, tokenizer = _load_hf(directory if directory else name, dt, from_hub=directory is None)
     model.to(dev).eval()
+    if dev.type == "cpu" and os.environ.get("APE_WEIGHT_LEFT", "1") != "0":
+        use_weight_left(model)  # faster few-row products on a CPU (ape/cpu_linear.py)
     return HFLanguageModel(model, tokenizer, name=name)
 
 
