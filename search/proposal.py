@@ -119,12 +119,15 @@ def proposer_model(objective: Objective, name: str | None) -> LanguageModel:
     return load_model(name)
 
 
-def proposal_origin(objective: Objective, proposer: LanguageModel, chat: bool) -> str:
-    """The leaderboard origin of a proposal: "proposal", with the proposer's name when it is not
-    the model being optimized ("proposal (openai:qwen2.5-7b)"), and "chat" for a chat turn."""
+def proposal_origin(
+    objective: Objective, proposer: LanguageModel, chat: bool, step: str = "proposal"
+) -> str:
+    """The leaderboard origin of an instruction the LM wrote in `step` ("proposal", "resample
+    1"), with the proposer's name when it is not the model being optimized ("proposal
+    (openai:qwen2.5-7b)"), and "chat" for a chat turn."""
     notes = [] if proposer is objective.lm else [getattr(proposer, "label", proposer.name)]
     notes += ["chat"] if chat else []
-    return "proposal" + (f" ({', '.join(notes)})" if notes else "")
+    return step + (f" ({', '.join(notes)})" if notes else "")
 
 
 def chat_flags(templates: str, proposer: LanguageModel) -> list[bool]:

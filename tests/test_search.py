@@ -13,6 +13,7 @@ from ape.search.base import available_searchers, get_searcher, searcher_class, s
 from ape.search.baselines import GivenInstructions, NoInstruction, RandomDemos
 from ape.search.proposal import (
     clean_instruction,
+    proposal_origin,
     proposal_prompt,
     resample_prompt,
     unique,
@@ -313,3 +314,16 @@ def test_demos_needs_enough_training_examples(tiny_lm, task_file):
 
 def test_given_instructions_is_the_searcher_class():
     assert get_searcher("given", instructions=("x",)) == GivenInstructions(instructions=("x",))
+
+
+def test_origins_name_a_proposer_other_than_the_target_in_every_step():
+    class Named:
+        def __init__(self, name):
+            self.name = name
+
+    target, served = Named("smollm2-135m"), Named("openai:qwen@http://h/v1")
+    objective = type("O", (), {"lm": target})()
+    assert proposal_origin(objective, target, chat=True, step="resample 1") == "resample 1 (chat)"
+    assert proposal_origin(objective, target, chat=False) == "proposal"
+    named = proposal_origin(objective, served, chat=True, step="resample 2")
+    assert named == "resample 2 (openai:qwen@http://h/v1, chat)"

@@ -24,6 +24,7 @@ from ape.search.label_words import LABEL_WORDS_HELP, LabelWordsMode, searched_wo
 from ape.search.proposal import (
     ProposalOptions,
     chat_flags,
+    proposal_origin,
     resample_prompt,
     sample_instructions,
     unique,
@@ -80,7 +81,7 @@ class APESearcher(ProposalOptions):
                 prompts = [resample_prompt(text, chat=chat) for text in best]
                 texts = self._sample(objective, proposer, prompts, self.variations, chat, r)
                 seen = [arm.prompt.instruction for arm in bandit.arms.values()]
-                origin = f"resample {r}" + (" (chat)" if chat else "")
+                origin = proposal_origin(objective, proposer, chat, f"resample {r}")
                 bandit.add([Prompt(t, label_words=words) for t in unique(texts, seen)], origin)
             bandit.run(rounds, self.per_round)
 

@@ -50,6 +50,7 @@ from ape.search.proposal import (
     SUBSAMPLES_HELP,
     ProposalOptions,
     chat_flags,
+    proposal_origin,
     resample_prompt,
     sample_instructions,
 )
@@ -233,7 +234,7 @@ class WholePromptSearcher(ProposalOptions):
             max_chars=self.max_chars,
             desc="resampling",
         )
-        origin = f"resample {r}" + (" (chat)" if chat else "")
+        origin = proposal_origin(objective, proposer, chat, f"resample {r}")
         out = []
         for i, text in enumerate(texts):
             parent = parents[i // self.variations]
