@@ -2,14 +2,16 @@
 
 Usage:
     python benchmarks/end_to_end/run.py [--tasks antonyms,first_word_letter,negation]
-        [--before 698b591] [--after WORKTREE] [--repeats 1]
+        [--before 698b591] [--searcher ape] [--repeats 1]
         [--out benchmarks/results/end_to_end]
 
 `--before` is a git revision: it is installed (no dependencies, the same site-packages) into a
 folder of its own under /tmp and run from there, so both versions run on the same machine, the
-same interpreter and the same libraries, one after the other. `--after` is this working tree.
+same interpreter and the same libraries, one after the other; after it, this working tree.
 Each run is `python -m ape optimize TASK --seed 0 --storage memory` in a fresh process (model
-load included in the wall time); the result's own timings give the phases: generation,
+load included in the wall time), with `--searcher NAME` when one is given: the default searcher
+changed in between (ape, then whole), so `--searcher ape` compares the same search on both.
+The result's own timings give the phases: generation,
 scoring, the search as a whole and the test evidence. Units/s is the scored (prompt, example)
 pairs the model computed per second of scoring. Medians over `--repeats`.
 """
@@ -66,8 +68,10 @@ def install(revision: str) -> Path:
     return target
 
 
-def run_once(version: str, path: Path | None, task: str, out: Path) -> dict[str, Any]:
-    """One default run of `task` by the code at `path` (None: this working tree)."""
+def run_once(
+    version: str, path: Path | None, task: str, out: Path, searcher: str | None
+) -> dict[str, Any]:
+    """One run of `task` by the code at `path` (None: this working tree)."""
     env = dict(os.environ)
     if path is not None:
         env["PYTHONPATH"] = str(path)
@@ -85,6 +89,7 @@ def run_once(version: str, path: Path | None, task: str, out: Path) -> dict[str,
         "--quiet",
         "--out",
         str(result_file),
+        *(["--searcher", searcher] if searcher else []),
     ]
     started = time.perf_counter()
     subprocess.run(
@@ -122,10 +127,11 @@ def median_row(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def table(rows: list[dict[str, Any]], machine: str) -> str:
+def table(rows: list[dict[str, Any]], machine: str, searcher: str | None) -> str:
+    which = f"--searcher {searcher}" if searcher else "each version's default searcher"
     lines = [
         f"Measured on {machine}; SmolLM2-135M-Instruct, float32; `ape optimize TASK --seed 0 "
-        "--storage memory`, default searcher, medians over repeats.",
+        f"--storage memory`, {which}, medians over repeats.",
         "",
         "| task | version | wall s | generation s | scoring s | search s | evidence s | units/s "
         "| test loglik | test metric | best prompt |",
@@ -151,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tasks", default=",".join(TASKS))
     parser.add_argument("--before", default=BEFORE, help="git revision ('' to skip)")
+    parser.add_argument("--searcher", default=None, help="a searcher both versions run")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args(argv)
@@ -170,13 +177,15 @@ def main(argv: list[str] | None = None) -> int:
         for version, path in versions:
             tag = version.split()[0]
             print(f"== {task} {version}", file=sys.stderr, flush=True)
-            repeats = [run_once(tag, path, task, args.out) for _ in range(args.repeats)]
+            repeats = [
+                run_once(tag, path, task, args.out, args.searcher) for _ in range(args.repeats)
+            ]
             row = median_row(repeats)
             row["version"] = version
             rows.append(row)
     from ape.device import describe_machine, machine_line
 
-    text = table(rows, machine_line(describe_machine("cpu")))
+    text = table(rows, machine_line(describe_machine("cpu")), args.searcher)
     (args.out / "summary.json").write_text(json.dumps(rows, indent=2) + "\n")
     (args.out / "summary.md").write_text(text + "\n")
     print(text)
