@@ -1,12 +1,12 @@
 """Scoring throughput: ape's batched scorer vs a naive loop vs lm-evaluation-harness.
 
 Usage:
-    python benchmarks/scoring/run.py [--repeats 3] [--quick] [--methods ape,naive,lmeval]
-        [--lmeval-batch-sizes 1,8,16,32,64] [--out benchmarks/results/scoring.json]
+    python benchmarks/scoring/run.py [--workload human|ape-length|few-shot] [--repeats 3]
+        [--quick] [--methods ape,naive,lmeval] [--lmeval-batch-sizes 1,8,16,32,64] [--out PATH]
 
-Every method scores the same (context, continuation) requests with the same model object
-(fp32, CPU, a fixed number of torch threads). Timed runs go round-robin over the methods, one
-repeat at a time, so background load on a shared machine hits every method alike. See README.md.
+Every method scores the same requests (workloads.py) with the same model object (fp32, CPU, a
+fixed number of torch threads), round-robin over the methods one repeat at a time, so background
+load hits every method alike. The workload's GEMM floor (floor.py) is measured in the same run.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ import platform
 import statistics
 import sys
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,13 +33,15 @@ import ape
 from ape.device import cpu_name
 from ape.lm import HFLanguageModel, Request
 from ape.reference import reference_loglikelihood
-from ape.task import Example, read_examples
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from floor import floor, gemm_rate  # noqa: E402
+from workloads import PER_TASK, WORKLOADS, build_workload  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_DATA = REPO / ".." / "shared" / "data" / "instruction_induction"
 RESULTS_DIR = REPO / "benchmarks" / "results"
 METHODS = ("ape", "naive", "lmeval")
-INSTRUCTIONS_PER_TASK = 2
 # Untimed first call per method on a few requests: pays one-off costs (allocator, kernel choice).
 WARMUP_REQUESTS = 4
 
@@ -63,12 +64,6 @@ QUICK = Config(2, 5, 1, (1, 8), RESULTS_DIR / "scoring-quick.json")
 
 
 @dataclass
-class Workload:
-    requests: list[Request]
-    prompts: list[dict[str, Any]]  # task and instruction of each block of requests
-
-
-@dataclass
 class Method:
     """A named scorer and what its timed runs produced."""
 
@@ -86,37 +81,6 @@ class Method:
     @property
     def median(self) -> float:
         return statistics.median(self.times)
-
-
-# ---------------------------------------------------------------------------- workload
-
-
-def build_workload(data: Path, n_instructions: int, n_examples: int) -> Workload:
-    """The first instructions of the sorted tasks, each with its task's first train rows.
-
-    Tasks with fewer than `n_examples` train rows are skipped, so every prompt scores the same
-    number of examples.
-    """
-    requests: list[Request] = []
-    prompts: list[dict[str, Any]] = []
-    for task_dir in sorted(p for p in data.iterdir() if (p / "train.jsonl").is_file()):
-        if len(prompts) == n_instructions:
-            break
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # duplicate rows are kept; the warning is just noise
-            train = read_examples(task_dir / "train.jsonl")
-        if len(train) < n_examples:
-            continue
-        examples: list[Example] = train[:n_examples]
-        meta = json.loads((task_dir / "meta.json").read_text(encoding="utf-8"))
-        for instruction in meta["human_instructions"][:INSTRUCTIONS_PER_TASK]:
-            if len(prompts) == n_instructions:
-                break
-            requests.extend(ape.Prompt(instruction).requests(examples))
-            prompts.append({"task": task_dir.name, "instruction": instruction})
-    if len(prompts) < n_instructions:
-        raise SystemExit(f"{data}: only {len(prompts)} instructions found, need {n_instructions}")
-    return Workload(requests, prompts)
 
 
 def token_stats(lm: HFLanguageModel, requests: Sequence[Request]) -> dict[str, float]:
@@ -278,7 +242,8 @@ def _fmt(value: float | None, spec: str) -> str:
 def markdown(report: dict[str, Any]) -> str:
     env, work, summary = report["environment"], report["workload"], report["summary"]
     lines = [
-        f"Scoring {work['n_requests']} requests ({work['n_instructions']} instructions × "
+        f"Scoring {work['n_requests']} requests ({work.get('name', 'human')} workload: "
+        f"{work['n_instructions']} prompts × "
         f"{work['n_examples']} examples; mean {work['mean_context_tokens']} context + "
         f"{work['mean_continuation_tokens']} continuation tokens), median of "
         f"{report['repeats']} run(s).",
@@ -299,6 +264,7 @@ def markdown(report: dict[str, Any]) -> str:
             f"| {_fmt(row['ape_speedup'], '.2f')} | {_fmt(row['max_abs_diff_vs_ape'], '.2e')} "
             f"| {_fmt(row['max_abs_diff_vs_naive'], '.2e')} |"
         )
+    lines += _floor_lines(report)
     best = summary["lmeval_best"]
     if best is not None:
         lines += [
@@ -311,6 +277,21 @@ def markdown(report: dict[str, Any]) -> str:
             ),
         ]
     return "\n".join(lines) + "\n"
+
+
+def _floor_lines(report: dict[str, Any]) -> list[str]:
+    f = report.get("floor")
+    if not f:
+        return []
+    ape_row = next((r for r in report["summary"]["methods"] if r["method"] == "ape"), None)
+    ratio = f"; ape takes {ape_row['median_s'] / f['floor_s']:.2f}x the floor" if ape_row else ""
+    return [
+        "",
+        f"GEMM floor: {f['tokens_after_sharing']} tokens after prefix sharing and "
+        f"{f['scored_positions']} scored positions = {f['gemm_tflop']} TFLOP of fp32 matrix "
+        f"multiplies, at {f['gemm_rate_gflops']} GFLOP/s (this machine, the model's own layer "
+        f"shapes, 1024 rows) = {f['floor_s']:.2f} s{ratio}.",
+    ]
 
 
 def _label(row: dict[str, Any], env: dict[str, Any]) -> str:
@@ -342,11 +323,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, help="timed runs per method (default 3, quick 1)")
     p.add_argument("--methods", type=_method_list, default=METHODS, help="comma-separated")
     p.add_argument("--lmeval-batch-sizes", type=_int_list, help="default 1,8,16,32,64 (quick 1,8)")
-    p.add_argument("--instructions", type=int, help="number of instructions (default 20, quick 2)")
+    p.add_argument("--workload", choices=WORKLOADS, default="human", help="see workloads.py")
+    p.add_argument("--instructions", type=int, help="number of prompts (default 20, quick 2)")
     p.add_argument("--examples", type=int, help="examples per instruction (default 50, quick 5)")
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="instruction_induction dir")
-    p.add_argument("--out", type=Path, help="JSON path (default benchmarks/results/scoring.json)")
+    p.add_argument("--out", type=Path, help="default benchmarks/results/scoring[-WORKLOAD].json")
     return p.parse_args(argv)
 
 
@@ -367,14 +349,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     n_examples = args.examples or config.examples
     batch_sizes = args.lmeval_batch_sizes or config.lmeval_batch_sizes
     out: Path = args.out or config.default_out
+    if args.out is None and args.workload != "human":
+        out = out.with_name(f"{out.stem}-{args.workload}.json")
 
     torch.set_num_threads(args.threads)
     quiet_libraries()
     if "lmeval" in args.methods and package_version("lm_eval") is None:
         raise SystemExit("lm-eval is not installed: pip install -e '.[bench]'")
 
-    workload = build_workload(args.data.resolve(), n_instructions, n_examples)
+    workload = build_workload(args.data.resolve(), args.workload, n_instructions, n_examples)
     lm = ape.load_model(device="cpu", dtype="float32")
+    rate = gemm_rate(lm.model)  # measured before the timed runs, on an idle machine
     methods = make_methods(lm, args.methods, batch_sizes)
     load_before = os.getloadavg()[0]
     if load_before >= 1.0:
@@ -395,13 +380,15 @@ def main(argv: Sequence[str] | None = None) -> None:
             "n_instructions": n_instructions,
             "n_examples": n_examples,
             "n_requests": len(workload.requests),
-            "instructions_per_task": INSTRUCTIONS_PER_TASK,
+            "name": args.workload,
+            "prompts_per_task": PER_TASK,
             "warmup_requests": WARMUP_REQUESTS,
             **token_stats(lm, workload.requests),
             "prompts": workload.prompts,
         },
         "environment": environment(lm, args.threads, load_before),
         "summary": summarize(methods, len(workload.requests)),
+        "floor": floor(lm, workload.requests, rate),
     }
     text = markdown(report)
     print(text)
