@@ -9,6 +9,8 @@ benchmarks/scoring/linear_layout.py measures it: a decoding run 1.3x faster, sco
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import nn
 
@@ -30,6 +32,12 @@ class WeightLeftLinear(nn.Linear):
         if self.bias is not None:
             out += self.bias
         return out.reshape(*x.shape[:-1], self.out_features)
+
+
+def wanted(device: torch.device) -> bool:
+    """Whether models loaded onto `device` get weight-left layers: on a CPU, unless
+    $APE_WEIGHT_LEFT is 0."""
+    return device.type == "cpu" and os.environ.get("APE_WEIGHT_LEFT", "1") != "0"
 
 
 def use_weight_left(model: nn.Module) -> int:

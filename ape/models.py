@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from ape.cpu_linear import use_weight_left
+from ape.cpu_linear import use_weight_left, wanted
 from ape.device import resolve_device, resolve_dtype
 from ape.lm import HFLanguageModel, LanguageModel
 from ape.model_error import ModelError
@@ -55,7 +55,7 @@ def load_model(
     directory = _local_directory(name)
     model, tokenizer = _load_hf(directory if directory else name, dt, from_hub=directory is None)
     model.to(dev).eval()
-    if dev.type == "cpu" and os.environ.get("APE_WEIGHT_LEFT", "1") != "0":
+    if wanted(dev):
         use_weight_left(model)  # faster few-row products on a CPU (ape/cpu_linear.py)
     return HFLanguageModel(model, tokenizer, name=name)
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -36,17 +36,28 @@ def _block_linears(model: torch.nn.Module) -> list[torch.nn.Linear]:
     return [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head]
 
 
+def linear_pass(layers: list[torch.nn.Linear], rows: int) -> Callable[[], None]:
+    """Run each of `layers` once on its own `rows` random rows (weights read from memory, as in
+    a forward pass)."""
+    inputs = {m.in_features: torch.randn(rows, m.in_features) for m in layers}
+
+    def run() -> None:
+        for layer in layers:
+            layer(inputs[layer.in_features])
+
+    return run
+
+
 def gemm_rate(model: torch.nn.Module, rows: int = 1024, repeats: int = 5) -> float:
     """FLOP/s of the model's block linear layers on `rows` rows (fp32, this machine)."""
     layers = _block_linears(model)
-    inputs = {m.in_features: torch.randn(rows, m.in_features) for m in layers}
+    run = linear_pass(layers, rows)
     flops = sum(2 * rows * m.in_features * m.out_features for m in layers)
     times = []
     with torch.inference_mode():
         for _ in range(repeats + 1):  # the first is a warm-up
             began = time.perf_counter()
-            for layer in layers:
-                layer(inputs[layer.in_features])
+            run()
             times.append(time.perf_counter() - began)
     return flops / statistics.median(times[1:])
 

@@ -41,21 +41,12 @@ from ape.prompt import Prompt
 from ape.shared_generation import Sampling, generate_tokens
 from ape.task import read_examples
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from floor import linear_pass  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[2]
 DATA = REPO / ".." / "shared" / "data" / "instruction_induction" / "antonyms"
 ROWS = (1, 8, 32, 64, 128, 512)
-
-
-def layer_pass(model: torch.nn.Module, rows: int) -> Callable[[], None]:
-    """Every linear layer of `model` once on `rows` random rows."""
-    layers = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    inputs = {m.in_features: torch.randn(rows, m.in_features) for m in layers}
-
-    def run() -> None:
-        for layer in layers:
-            layer(inputs[layer.in_features])
-
-    return run
 
 
 def decode_job(lm: HFLanguageModel, train) -> Callable[[], None]:
@@ -106,7 +97,8 @@ def main(argv: list[str] | None = None) -> None:
     scores: dict[str, np.ndarray] = {}
     for name, lm in lms.items():
         for rows in ROWS:
-            jobs[name][f"layers m={rows}"] = layer_pass(lm.model, rows)
+            layers = [m for m in lm.model.modules() if isinstance(m, torch.nn.Linear)]
+            jobs[name][f"layers m={rows}"] = linear_pass(layers, rows)
         jobs[name]["decode"] = decode_job(lm, train)
         jobs[name]["scoring"] = lambda lm=lm, name=name: scores.__setitem__(
             name, np.asarray(lm.loglikelihood(requests))
