@@ -75,6 +75,7 @@ def run_one(dataset: str, seed: int, mode: str, lm, args, out: Path) -> dict[str
         "start_dev": start.val_score,
         "kept_start": extras.get("kept_start"),
         "picked_step": extras.get("picked_step"),
+        "acceptance": extras.get("acceptance"),
         "checkpoints": extras["checkpoints"],
         "none_test": result.reference.test_score if result.reference else None,
         "seconds": round(seconds, 1),

@@ -18,9 +18,9 @@ Modes (`--mode`):
    loss (capability ``training_loss``), taken through `HFLanguageModel.loglikelihood_tensor`:
    the scorer's own prefix-reusing path, gradients on. Each training example costs one unit.
 3. Selection (training.py): the initial prompt is a candidate; checkpoints every `eval_every`
-   steps are compared by validation loss with early stopping; the lowest-loss one is a second
-   candidate; the leaderboard ranks the two, ties to the initial prompt. The winner goes into
-   `objective.artifacts["soft_prompt"]`.
+   steps are compared by validation loss with early stopping; the lowest-loss one becomes a
+   second candidate only if it beats the initial prompt on significantly more validation
+   examples than it loses (`accept_p`). The winner goes into `objective.artifacts["soft_prompt"]`.
 4. Embedding vectors are projected to their nearest tokens (cosine); that text, if it is not the
    initial one, is scored as an ordinary instruction.
 """
@@ -107,6 +107,12 @@ class SoftPromptSearcher:
     )
     eval_every: int = option(10, "steps between checkpoints compared by validation loss")
     patience: int = option(3, "stop after this many checkpoints without a lower validation loss")
+    accept_p: float = option(
+        0.05,
+        "the best checkpoint replaces the initial prompt only if it scores higher on "
+        "significantly more validation examples than lower (one-sided sign test at this level; "
+        "1: a higher mean suffices)",
+    )
 
     def __post_init__(self) -> None:
         positive(
@@ -118,6 +124,8 @@ class SoftPromptSearcher:
             lr=1.0 if self.lr is None else self.lr,
         )
         non_negative(weight_decay=self.weight_decay, n_tokens=self.n_tokens)
+        if not 0 < self.accept_p <= 1:
+            raise ValueError(f"accept_p must be in (0, 1], not {self.accept_p}")
         for name, value, allowed in [
             ("init", self.init, INITS),
             ("mode", self.mode, MODES),
@@ -146,7 +154,7 @@ class SoftPromptSearcher:
         lr = DEFAULT_LR[self.mode] if self.lr is None else self.lr
         optimizer = torch.optim.AdamW(params.parameters(), lr=lr, weight_decay=self.weight_decay)
         table = embedding_table(lm).to(lm.device, lm.model.dtype) if self.mode == "pez" else None
-        run = Checkpoints(objective, lm, self._info(text, start_ids, lr), loss_fn)
+        run = Checkpoints(objective, lm, self._info(text, start_ids, lr), loss_fn, self.accept_p)
         balance = offers(objective.evaluator, LABEL_LOGPROBS)  # classification: labels known
         rng = np.random.default_rng(objective.seed)
         batches = balanced_batches(task.train, self.batch_size, rng, balance)

@@ -1,0 +1,65 @@
+"""A trained soft prompt replaces its starting prompt only on significant validation evidence."""
+
+from __future__ import annotations
+
+import pytest
+from ape.search.soft.training import paired_gain
+from test_soft_prompt import soft_run
+
+
+def test_paired_gain_counts_wins_and_losses_and_tests_them():
+    old = [0.0] * 32
+    # 16 vs 14 (the kind of margin that kept a checkpoint which then lost on test)
+    narrow = [1.0] * 16 + [0.0] * 16
+    old_narrow = [0.0] * 16 + [1.0] * 14 + [0.0] * 2
+    gain = paired_gain(narrow, old_narrow, alpha=0.05)
+    assert (gain["wins"], gain["losses"]) == (16, 14)
+    assert gain["p_value"] == pytest.approx(0.4278, abs=1e-4)  # scipy's exact binomial test
+    assert not gain["accepted"]
+    assert paired_gain(narrow, old_narrow, alpha=1.0)["accepted"]  # a higher mean suffices
+    clear = paired_gain([1.0] * 6 + [0.0] * 26, old, alpha=0.05)
+    assert clear["accepted"] and clear["p_value"] == pytest.approx(0.5**6)
+    assert not paired_gain(old, old, alpha=1.0)["accepted"]  # equal is not better
+    assert not paired_gain([0.0] * 31 + [-1.0], old, alpha=1.0)["accepted"]
+
+
+def _run(tiny_lm, accept_p: float):
+    # loglik scores are continuous, so the tiny model's checkpoints differ on every example
+    return soft_run(
+        tiny_lm,
+        evaluator="loglik",
+        seed=0,
+        steps=6,
+        batch_size=4,
+        eval_every=2,
+        lr=0.05,
+        accept_p=accept_p,
+    )
+
+
+def test_an_accepted_checkpoint_is_scored_as_the_test_saw_it(tiny_lm, single_thread):
+    result = _run(tiny_lm, accept_p=1.0)
+    extras = result.extras["soft_prompt"]
+    acceptance = extras["acceptance"]
+    assert acceptance["accepted"] and not extras["kept_start"]
+    entry = next(e for e in result.leaderboard if e.origin == f"soft step {acceptance['step']}")
+    # The test's own pass and the leaderboard's scoring are the same computation.
+    assert entry.val_score == pytest.approx(acceptance["val_score"], abs=1e-6)
+    assert result.artifacts["soft_prompt"].label == entry.instruction == result.best.instruction
+
+
+def test_a_checkpoint_without_significant_evidence_keeps_the_start(tiny_lm, single_thread):
+    # 8 validation rows: even 8 wins of 8 give p = 1/256, above this level
+    result = _run(tiny_lm, accept_p=0.001)
+    extras = result.extras["soft_prompt"]
+    acceptance = extras["acceptance"]
+    assert (acceptance["wins"], acceptance["losses"]) == (8, 0)  # better on every example ...
+    assert not acceptance["accepted"] and extras["kept_start"]  # ... but not significantly
+    assert not [e for e in result.leaderboard if e.origin.startswith("soft step")]
+    assert result.best.origin == "soft: initial prompt"
+    assert result.artifacts["soft_prompt"].label == extras["start_label"]
+
+
+def test_accept_p_must_be_a_level():
+    with pytest.raises(ValueError, match="accept_p must be in"):
+        soft_run(None, accept_p=0.0)
