@@ -19,16 +19,20 @@ its instruction. The search, for one template prompt:
 3. Choice: a small beam over assignments (one word per class), started at the given words and
    swept class by class, ranked by accuracy on the selection examples, ties by the mean
    log-softmax of the gold word (a smoother fit); the given words win exact ties.
+4. Acceptance: an assignment may replace the given words only if it is right on significantly
+   more selection examples than it is wrong where they are right (search/acceptance.py, level
+   `accept_p`); a best assignment that is not is dropped, and the given words stay.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
+from ape.search.acceptance import ACCEPT_P, paired_gain
 
 from ape.capabilities import LABEL_LOGPROBS, offers
 from ape.prompt import Prompt
@@ -61,6 +65,7 @@ class WordSearch:
     beam: int = 4
     sweeps: int = 2
     keep: int = 3  # assignments returned, best first
+    accept_p: float = ACCEPT_P  # sign-test level for replacing the given words (see above)
 
 
 @dataclass(frozen=True)
@@ -70,6 +75,12 @@ class Assignment:
     words: tuple[tuple[str, str], ...]
     accuracy: float
     fit: float  # mean log-softmax of the gold word over the assignment's words
+    gain: dict[str, Any] | None = None  # paired_gain against the given words; None: they
+
+    @property
+    def accepted(self) -> bool:
+        """The given words themselves, or words that passed the acceptance test against them."""
+        return self.gain is None or self.gain["accepted"]
 
     @property
     def mapping(self) -> dict[str, str]:
@@ -90,19 +101,19 @@ def check_label_words(searcher: Any, evaluator: Any) -> None:
 def searched_words(
     objective, mode: str, template: Prompt | None = None, settings: WordSearch | None = None
 ) -> dict[str, str]:
-    """The best searched assignment for `template` (default: no instruction), or {} when
-    `mode` is "given" (the evaluator's own words)."""
+    """The best searched assignment for `template` (default: no instruction), or {} (the
+    evaluator's own words) when `mode` is "given" or no assignment passed acceptance."""
     if mode != "search":
         return {}
-    found = search_label_words(objective, template or Prompt(), settings or WordSearch())
-    return found[0].mapping if found else {}
+    best = search_label_words(objective, template or Prompt(), settings or WordSearch())[0]
+    return {} if best.gain is None else best.mapping  # None: the given words
 
 
 def search_label_words(
     objective, template: Prompt, settings: WordSearch = WordSearch()
 ) -> list[Assignment]:
-    """The best `settings.keep` label-word assignments for `template`, best first (the given
-    words among them if they rank there)."""
+    """The best `settings.keep` label-word assignments for `template` among the given words and
+    those that pass acceptance against them, best first (so never empty)."""
     check_label_words(_Searching(), objective.evaluator)
     task = objective.task
     labels, given = objective.evaluator.label_words(task.train + task.val)
@@ -112,10 +123,19 @@ def search_label_words(
     matrix = word_matrix(objective, template, labels, pools, examples)
     gold = np.array([labels.index(ex.output) for ex in examples])
     ranked = choose(matrix, gold, [len(p) for p in pools], settings)
-    out = []
-    for picked, accuracy, fit in ranked[: settings.keep]:
+    out: list[Assignment] = []
+    tried: list[dict[str, Any]] = []  # what the result reports: the best, kept or not
+    for picked, accuracy, fit, gain in screened(matrix, gold, ranked, settings.accept_p):
         words = [pool[k] for pool, k in zip(pools, picked, strict=True)]
-        out.append(Assignment(tuple(zip(labels, words, strict=True)), accuracy, fit))
+        found = Assignment(tuple(zip(labels, words, strict=True)), accuracy, fit, gain)
+        if len(tried) < settings.keep:
+            tried.append({"words": found.mapping, "accuracy": accuracy, "vs_given": gain})
+        if found.accepted:
+            out.append(found)
+        if len(out) == settings.keep:
+            break
+    report = {"prompt": template.instruction, "selection_examples": len(gold), "best": tried}
+    objective.extras.setdefault("label_word_search", []).append(report)
     return out
 
 
@@ -307,10 +327,10 @@ def choose(
 
     def rate(assignment: tuple[int, ...]) -> tuple[float, float]:
         if assignment not in seen:
-            logits = matrix[:, np.arange(classes), list(assignment)]
+            logits = _logits(matrix, assignment)
             shifted = logits - logits.max(axis=1, keepdims=True)
             logsoft = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
-            accuracy = float((logits.argmax(axis=1) == gold).mean())
+            accuracy = float(correct(matrix, gold, assignment).mean())
             seen[assignment] = (accuracy, float(logsoft[np.arange(len(gold)), gold].mean()))
         return seen[assignment]
 
@@ -327,3 +347,24 @@ def choose(
                 rate(a)
             beam = order(list(seen))[: settings.beam]
     return [(a, *seen[a]) for a in order(list(seen))]
+
+
+def screened(
+    matrix: np.ndarray, gold: np.ndarray, ranked: Sequence[tuple], alpha: float
+) -> Iterator[tuple[tuple[int, ...], float, float, dict[str, Any] | None]]:
+    """Each of `choose`'s assignments with its `paired_gain` against the given words (the
+    first candidates) on the same examples; None for the given words themselves."""
+    start = correct(matrix, gold, (0,) * matrix.shape[1])
+    for picked, accuracy, fit in ranked:
+        row = correct(matrix, gold, picked)
+        yield picked, accuracy, fit, paired_gain(row, start, alpha) if any(picked) else None
+
+
+def _logits(matrix: np.ndarray, assignment: Sequence[int]) -> np.ndarray:
+    """(examples, classes) scores with each class's assigned candidate."""
+    return matrix[:, np.arange(matrix.shape[1]), list(assignment)]
+
+
+def correct(matrix: np.ndarray, gold: np.ndarray, assignment: Sequence[int]) -> np.ndarray:
+    """1.0 where the assignment's most likely word is the gold class's (first on ties)."""
+    return (_logits(matrix, assignment).argmax(axis=1) == gold).astype(np.float64)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from ape.search.soft.training import paired_gain
+from ape.search.acceptance import paired_gain
 from test_soft_prompt import soft_run
 
 

@@ -32,6 +32,7 @@ from typing import ClassVar
 
 import numpy as np
 import torch
+from ape.search.acceptance import ACCEPT_P, check_level
 from ape.search.base import non_negative, option, positive
 from ape.search.soft.encoders import Direct, PrefixMLP, PromptEncoder, ScaledKV
 from ape.search.soft.init import INITS, embedding_table, initial_kv, initial_vectors
@@ -108,7 +109,7 @@ class SoftPromptSearcher:
     eval_every: int = option(10, "steps between checkpoints compared by validation loss")
     patience: int = option(3, "stop after this many checkpoints without a lower validation loss")
     accept_p: float = option(
-        0.05,
+        ACCEPT_P,
         "the best checkpoint replaces the initial prompt only if it scores higher on "
         "significantly more validation examples than lower (one-sided sign test at this level; "
         "1: a higher mean suffices)",
@@ -124,8 +125,7 @@ class SoftPromptSearcher:
             lr=1.0 if self.lr is None else self.lr,
         )
         non_negative(weight_decay=self.weight_decay, n_tokens=self.n_tokens)
-        if not 0 < self.accept_p <= 1:
-            raise ValueError(f"accept_p must be in (0, 1], not {self.accept_p}")
+        check_level("accept_p", self.accept_p)
         for name, value, allowed in [
             ("init", self.init, INITS),
             ("mode", self.mode, MODES),

@@ -21,8 +21,8 @@ from typing import Any
 
 import numpy as np
 import torch
+from ape.search.acceptance import paired_gain
 from ape.search.soft.prompt import SoftPrompt
-from scipy.stats import binomtest
 
 from ape.objective import Objective
 from ape.prefix import score_prompts
@@ -74,23 +74,6 @@ def frozen(model: torch.nn.Module) -> Iterator[None]:
 
 
 Loss = Callable[[torch.Tensor, Sequence[Example]], torch.Tensor]
-
-
-def paired_gain(new: Sequence[float], old: Sequence[float], alpha: float) -> dict[str, Any]:
-    """Whether `new` beats `old` on the same examples: higher mean, and more examples where it
-    scores higher than lower by a one-sided exact sign test at level `alpha` (ties drop out, so
-    it suits 0/1 correctness and continuous scores alike). `alpha` 1: the mean alone decides."""
-    diff = np.asarray(new, dtype=float) - np.asarray(old, dtype=float)
-    wins, losses = int((diff > 0).sum()), int((diff < 0).sum())
-    p = binomtest(wins, wins + losses, 0.5, alternative="greater").pvalue if wins + losses else 1.0
-    better = float(diff.mean()) > 0 if diff.size else False
-    return {
-        "wins": wins,
-        "losses": losses,
-        "p_value": round(float(p), 6),
-        "alpha": alpha,
-        "accepted": bool(better and (alpha >= 1 or p < alpha)),
-    }
 
 
 class Checkpoints:

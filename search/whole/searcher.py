@@ -18,9 +18,9 @@
 
 With `--label-words search` (the `choice` evaluator), the label words are a third axis: after the
 baselines, search/label_words.py chooses words for the best baseline's prompt, and the best two
-assignments join the task's own words as word sets. Candidates take word sets in turn (each demo
-set without instruction takes each), and resampling also moves the top candidates to the other
-word sets. A prompt with searched words shows its demos with them.
+assignments that pass its acceptance test join the task's own words as word sets. Candidates
+take word sets in turn (each demo set without instruction takes each), and resampling also moves
+the top candidates to the other word sets. A prompt with searched words shows its demos with them.
 
 With `--max-demos 0` it is instruction-only APE with the baselines in the pool. Candidates whose
 prompt would not fit the model's window with the longest validation example are skipped, with a
@@ -196,7 +196,7 @@ class WholePromptSearcher(ProposalOptions):
 
     def _word_sets(self, objective: Objective, pool: _Pool) -> list[dict[str, str]]:
         """The task's words ({}: the evaluator's own) and, with label-word search, the two best
-        assignments searched for the best baseline's prompt."""
+        assignments searched for the best baseline's prompt that passed acceptance."""
         if self.label_words != "search":
             return [{}]
         best = pool.top(1)
