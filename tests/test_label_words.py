@@ -290,3 +290,40 @@ def test_evaluate_uses_label_words_and_saved_results(tiny_lm, tmp_path, monkeypa
     assert len(scores) == 2 and scores[0] == scores[1]  # the same prompt, scored the same
     assert "[words: negative→awful, positive→superb]" in table
     assert main([*args, "--label-word", "awful"]) == 2
+
+
+def test_soft_prompts_train_and_save_with_searched_words(tiny_lm, monkeypatch, tmp_path):
+    from ape.search.soft.prompt import SoftPrompt
+
+    _accept_any_gain(monkeypatch)
+    task = sentiment_task()
+    result = ape.optimize(
+        task,
+        model=tiny_lm,
+        searcher="soft",
+        evaluator="choice",
+        storage="memory",
+        progress=False,
+        label_words="search",
+        init_text="Rate it.",
+        steps=2,
+        eval_every=1,
+        batch_size=4,
+    )
+    start = next(e for e in result.leaderboard if e.origin == "soft: initial prompt")
+    words = start.label_words
+    assert words and set(words) == set(task.labels)
+    assert result.artifacts["soft_prompt"].info["label_words"] == words
+    # The start still scores exactly as its text prompt, now with the searched words.
+    [text_score] = ape.evaluate(
+        task,
+        [ape.Prompt("Rate it.", label_words=words)],
+        model=tiny_lm,
+        evaluator="choice",
+        split="val",
+    )
+    assert start.val_score == pytest.approx(text_score, abs=1e-9)
+    folder = tmp_path / "soft"
+    result.artifacts["soft_prompt"].save(folder)
+    loaded = SoftPrompt.load(folder)
+    assert loaded.prompt().words == words  # `ape evaluate --soft-prompt` answers with them

@@ -67,8 +67,9 @@ class SoftPrompt:
         return self.prefix.label
 
     def prompt(self, demos: Sequence[Example] = ()) -> Prompt:
-        """The prompt that scores these vectors before the (no-instruction) template."""
-        return Prompt.prefixed(self.prefix, demos)
+        """The prompt that scores these vectors before the (no-instruction) template, with the
+        label words they were trained for (`info["label_words"]`, if searched)."""
+        return Prompt.prefixed(self.prefix, demos).with_label_words(self.info.get("label_words"))
 
     # ------------------------------------------------------------------ readable projection
     def nearest_tokens(self, lm) -> list[int]:

@@ -21,6 +21,9 @@ Modes (`--mode`):
    steps are compared by validation loss with early stopping; the lowest-loss one becomes a
    second candidate only if it beats the initial prompt on significantly more validation
    examples than it loses (`accept_p`). The winner goes into `objective.artifacts["soft_prompt"]`.
+   With `--label-words search` (the `choice` evaluator) the label words are chosen first, for
+   the starting text (search/label_words.py); training, checkpoints and the saved soft prompt
+   (`info["label_words"]`) use them.
 4. Embedding vectors are projected to their nearest tokens (cosine); that text, if it is not the
    initial one, is scored as an ordinary instruction.
 """
@@ -34,6 +37,7 @@ import numpy as np
 import torch
 from ape.search.acceptance import ACCEPT_P, check_level
 from ape.search.base import non_negative, option, positive
+from ape.search.label_words import LABEL_WORDS_HELP, LabelWordsMode, searched_words
 from ape.search.soft.encoders import Direct, PrefixMLP, PromptEncoder, ScaledKV
 from ape.search.soft.init import INITS, embedding_table, initial_kv, initial_vectors
 from ape.search.soft.prompt import nearest_tokens
@@ -108,6 +112,7 @@ class SoftPromptSearcher:
     )
     eval_every: int = option(10, "steps between checkpoints compared by validation loss")
     patience: int = option(3, "stop after this many checkpoints without a lower validation loss")
+    label_words: LabelWordsMode = option("given", LABEL_WORDS_HELP)
     accept_p: float = option(
         ACCEPT_P,
         "the best checkpoint replaces the initial prompt only if it scores higher on "
@@ -144,9 +149,14 @@ class SoftPromptSearcher:
         check(self, objective.evaluator)
         _check_setup(objective, self.mode)
         task = objective.task
-        loss_fn = objective.evaluator.training_loss(lm, Prompt(""), task.train + objective.val_pool)
-        generator = torch.Generator().manual_seed(objective.seed)
         text = self.init_text or _default_text(objective)
+        # Words chosen for the text the vectors start from: step 0 scores as that text prompt.
+        words = searched_words(
+            objective, self.label_words, Prompt(text if self.init == "text" else "")
+        )
+        template = Prompt("").with_label_words(words)
+        loss_fn = objective.evaluator.training_loss(lm, template, task.train + objective.val_pool)
+        generator = torch.Generator().manual_seed(objective.seed)
         start, start_ids = initial_vectors(lm, self.init, self.n_tokens, text, generator)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(objective.seed)  # the encoders' initial weights
@@ -154,7 +164,8 @@ class SoftPromptSearcher:
         lr = DEFAULT_LR[self.mode] if self.lr is None else self.lr
         optimizer = torch.optim.AdamW(params.parameters(), lr=lr, weight_decay=self.weight_decay)
         table = embedding_table(lm).to(lm.device, lm.model.dtype) if self.mode == "pez" else None
-        run = Checkpoints(objective, lm, self._info(text, start_ids, lr), loss_fn, self.accept_p)
+        info = self._info(text, start_ids, lr) | ({"label_words": words} if words else {})
+        run = Checkpoints(objective, lm, info, loss_fn, self.accept_p)
         balance = offers(objective.evaluator, LABEL_LOGPROBS)  # classification: labels known
         rng = np.random.default_rng(objective.seed)
         batches = balanced_batches(task.train, self.batch_size, rng, balance)

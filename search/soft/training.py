@@ -170,6 +170,8 @@ class Checkpoints:
         self.extras["projection"] = projection
         if readable and ids != start_ids:
             row = self.objective.evaluate(
-                [Prompt(readable)], self.objective.val_pool, origin="soft: nearest tokens"
+                [Prompt(readable).with_label_words(soft.info.get("label_words"))],
+                self.objective.val_pool,
+                origin="soft: nearest tokens",
             )[0]
             projection["val_score"] = float(np.mean(row))
