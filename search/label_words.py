@@ -19,9 +19,11 @@ its instruction. The search, for one template prompt:
 3. Choice: a small beam over assignments (one word per class), started at the given words and
    swept class by class, ranked by accuracy on the selection examples, ties by the mean
    log-softmax of the gold word (a smoother fit); the given words win exact ties.
-4. Acceptance: an assignment may replace the given words only if it is right on significantly
-   more selection examples than it is wrong where they are right (search/acceptance.py, level
-   `accept_p`); a best assignment that is not is dropped, and the given words stay.
+4. Acceptance: an assignment may replace the given words only if, on the validation examples,
+   it is right on significantly more of them than the given words are where the two differ
+   (search/acceptance.py, level `accept_p`); a best assignment that is not is dropped, and the
+   given words stay. Chosen on the training examples (`select_on="train"`), the assignment meets
+   validation examples it was not chosen on, and the test is an honest one.
 """
 
 from __future__ import annotations
@@ -61,7 +63,7 @@ class WordSearch:
     likely_words: int = 300  # a class's most likely word tokens that the ratio ranks
     synonyms: int = 4  # LM synonyms kept per seed word (given word, label name)
     max_candidates: int = 10  # candidates per class
-    select_on: Literal["val", "train+val"] = "train+val"
+    select_on: Literal["train", "val", "train+val"] = "train+val"  # what the beam ranks on
     beam: int = 4
     sweeps: int = 2
     keep: int = 3  # assignments returned, best first
@@ -119,13 +121,17 @@ def search_label_words(
     labels, given = objective.evaluator.label_words(task.train + task.val)
     given = [template.words.get(label, word) for label, word in zip(labels, given, strict=True)]
     pools = propose(objective, template, labels, given, settings)
-    examples = _selection(objective, settings.select_on)
+    chosen_on, accepted_on = _selection(objective, settings.select_on), _selection(objective, "val")
+    examples = list({ex.key(): ex for ex in chosen_on + accepted_on}.values())
     matrix = word_matrix(objective, template, labels, pools, examples)
     gold = np.array([labels.index(ex.output) for ex in examples])
-    ranked = choose(matrix, gold, [len(p) for p in pools], settings)
+    keys = [ex.key() for ex in examples]
+    sel = [keys.index(ex.key()) for ex in chosen_on]
+    acc = [keys.index(ex.key()) for ex in accepted_on]
+    ranked = choose(matrix[sel], gold[sel], [len(p) for p in pools], settings)
     out: list[Assignment] = []
     tried: list[dict[str, Any]] = []  # what the result reports: the best, kept or not
-    for picked, accuracy, fit, gain in screened(matrix, gold, ranked, settings.accept_p):
+    for picked, accuracy, fit, gain in screened(matrix[acc], gold[acc], ranked, settings.accept_p):
         words = [pool[k] for pool, k in zip(pools, picked, strict=True)]
         found = Assignment(tuple(zip(labels, words, strict=True)), accuracy, fit, gain)
         if len(tried) < settings.keep:
@@ -134,7 +140,12 @@ def search_label_words(
             out.append(found)
         if len(out) == settings.keep:
             break
-    report = {"prompt": template.instruction, "selection_examples": len(gold), "best": tried}
+    report = {
+        "prompt": template.instruction,
+        "selection_examples": len(sel),
+        "acceptance_examples": len(acc),
+        "best": tried,
+    }
     objective.extras.setdefault("label_word_search", []).append(report)
     return out
 
@@ -159,7 +170,7 @@ def word_search_cost(task, pool: int, settings: WordSearch = WordSearch()) -> di
     """What one search spends at most: pairs (the likelihood-ratio pass over the training
     examples, the candidate columns on the selection examples) and generated tokens."""
     train = len(task.train)
-    examples = pool + (train if settings.select_on == "train+val" else 0)
+    examples = pool + (train if "train" in settings.select_on else 0)
     labels = len(task.labels or task.distinct_outputs())
     return {
         "pairs": (train if settings.llr_words else 0) + settings.max_candidates * examples,
@@ -172,10 +183,10 @@ class _Searching:
 
 
 def _selection(objective, select_on: str) -> list[Example]:
-    """The examples assignments are chosen on (each once: a task's val may repeat its train)."""
-    examples = list(objective.val_pool)
-    if select_on == "train+val":
-        examples = objective.task.train + examples
+    """The examples of `select_on` ("train", "val" or "train+val"), each once (a task's val may
+    repeat its train)."""
+    train = objective.task.train if "train" in select_on else []
+    examples = train + (list(objective.val_pool) if "val" in select_on else [])
     return list({ex.key(): ex for ex in examples}.values())
 
 

@@ -138,28 +138,34 @@ def search_variants(objective: Objective, template: ape.Prompt, lm, check: bool)
     rows_of = {
         "train+val": examples,
         "val": _selection(objective, "val"),
-        "train": list({ex.key(): ex for ex in objective.task.train}.values()),
+        "train": _selection(objective, "train"),
     }
     keys = [ex.key() for ex in examples]
     chosen: dict[str, Any] = {scoring: {} for scoring in SCORINGS}
-    for name, (select_on, allowed) in VARIANTS.items():
-        rows = rows_of[select_on]
+
+    def restricted(matrix: np.ndarray, rows: list[Example], keep: list[list[int]]):
+        """The rows' scores of the kept candidates (a class with fewer repeats its last)."""
         index = [keys.index(ex.key()) for ex in rows]
         gold = np.array([labels.index(ex.output) for ex in rows])
+        sub = np.stack(
+            [
+                matrix[index][:, c, [*kept, *[kept[-1]] * (width - len(kept))]]
+                for c, kept in enumerate(keep)
+            ],
+            axis=1,
+        )
+        return sub, gold
+
+    for name, (select_on, allowed) in VARIANTS.items():
         keep = [[k for k, src in enumerate(tags) if src in allowed] for tags in sources]
         for scoring, matrix in matrices.items():
-            sub = np.stack(
-                [
-                    matrix[index][:, c, [*kept, *[kept[-1]] * (width - len(kept))]]
-                    for c, kept in enumerate(keep)
-                ],
-                axis=1,
-            )
+            sub, gold = restricted(matrix, rows_of[select_on], keep)
             ranked = choose(sub, gold, [len(k) for k in keep], DEFAULT)
-            picks = {name: ranked[0][0]}  # the best on the selection examples, and the product's
-            picks[f"{name}{GUARDED}"] = next(
+            dev, dev_gold = restricted(matrix, rows_of["val"], keep)  # the product's test rows
+            picks = {name: ranked[0][0]}  # the best on the selection examples
+            picks[f"{name}{GUARDED}"] = next(  # the best that passes on dev, as the product
                 p
-                for p, _, _, gain in screened(sub, gold, ranked, DEFAULT.accept_p)
+                for p, _, _, gain in screened(dev, dev_gold, ranked, DEFAULT.accept_p)
                 if gain is None or gain["accepted"]
             )
             for variant, best in picks.items():
@@ -294,7 +300,7 @@ def tables(rows: list[dict[str, Any]], datasets: list[str]) -> str:
         "|---:|---:|\n"
     ]
     wins = {s: 0 for s in SCORINGS}
-    names = [*VARIANTS, DEFAULT_VARIANT, "given"]
+    names = [*VARIANTS, *(f"{v}{GUARDED}" for v in VARIANTS), "given"]
     variant_lines = [
         f"| dataset | scoring | {' | '.join(names)} |\n",
         "|---|---|" + "---:|" * len(names) + "\n",
