@@ -16,7 +16,7 @@ import numpy as np
 
 from ape.capabilities import LABEL_LOGPROBS, offers
 from ape.lm import LanguageModel
-from ape.prefix import score_prompts
+from ape.prefix import by_prefix, score_prompts
 from ape.prompt import Prompt
 from ape.study import TrialStore
 from ape.task import Example
@@ -128,9 +128,9 @@ class Dispatch:
             asked = [r.prompt for r in todo]
             with self.timed("score"):
                 if choice:
-                    grid = self.evaluator.label_logprobs(self.lm, asked, examples)
+                    grid = by_prefix(self.evaluator.label_logprobs, self.lm, asked, examples)
                 else:
-                    grid = self.evaluator.score(self.lm, asked, examples)[..., None]
+                    grid = score_prompts(self.evaluator, self.lm, asked, examples)[..., None]
             self.computed_pairs += len(todo) * len(examples)
             gold = _gold_index(self.evaluator, examples) if choice else None
             for r, rows in zip(todo, grid, strict=True):

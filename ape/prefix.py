@@ -8,7 +8,7 @@ plain ones in one call, each prefix in a call of its own.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -78,19 +78,32 @@ def model_for(lm: Any, prompt: Prompt) -> Any:
 def score_prompts(
     evaluator: Any, lm: Any, prompts: Sequence[Prompt], examples: Sequence[Example]
 ) -> np.ndarray:
-    """`evaluator.score(lm, prompts, examples)`, each prefixed prompt scored after its vectors.
+    """`evaluator.score(lm, prompts, examples)`, each prefixed prompt scored after its vectors."""
+    return by_prefix(evaluator.score, lm, prompts, examples)
 
-    Plain prompts go to the model in one call as before; each prefix in its own call.
-    """
+
+def by_prefix(
+    method: Callable[[Any, Sequence[Prompt], Sequence[Example]], np.ndarray],
+    lm: Any,
+    prompts: Sequence[Prompt],
+    examples: Sequence[Example],
+) -> np.ndarray:
+    """`method(lm, prompts, examples)` (an evaluator's `score` or `label_logprobs`: one row per
+    prompt), each prefixed prompt after its vectors. Plain prompts go to the model in one call
+    as before; each prefix in its own call."""
     for prompt in prompts:
         model_for(lm, prompt)  # a label without its vectors fails before any scoring
     groups: dict[str, list[int]] = {}
     for i, prompt in enumerate(prompts):
         groups.setdefault(prompt.prefix.label if prompt.prefix else "", []).append(i)
     if set(groups) <= {""}:
-        return evaluator.score(lm, prompts, examples)
-    grid = np.zeros((len(prompts), len(examples)))
+        return method(lm, prompts, examples)
+    parts = {}
     for members in groups.values():
         chosen = [prompts[i] for i in members]
-        grid[members] = evaluator.score(model_for(lm, chosen[0]), chosen, examples)
+        parts[tuple(members)] = np.asarray(method(model_for(lm, chosen[0]), chosen, examples))
+    first = next(iter(parts.values()))
+    grid = np.zeros((len(prompts), *first.shape[1:]), dtype=first.dtype)
+    for members, rows in parts.items():
+        grid[list(members)] = rows
     return grid

@@ -294,9 +294,9 @@ def test_searcher_records_checkpoints_and_saves_the_best(tiny_lm, tmp_path, sing
     if picked:
         assert extras["acceptance"]["step"] == picked
     projection = extras["projection"]
-    scored = len(trained) + 1 + (projection["val_score"] is not None) + (picked > 0)
-    # 6 steps of 4 training examples, 4 validation losses, the acceptance test's pass and the
-    # candidates on the 8 val rows.
+    scored = 1 + (projection["val_score"] is not None) + (picked > 0)
+    # 6 steps of 4 training examples, 4 validation losses, the start, the projection and the
+    # acceptance test's pass on the 8 val rows (a checkpoint that passes is scored by then).
     assert result.budget_used == 6 * 4 + 4 * len(task.val) + scored * len(task.val)
     soft = result.artifacts["soft_prompt"]
     assert soft.label == extras["best_label"]

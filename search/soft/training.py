@@ -25,7 +25,6 @@ from ape.search.acceptance import paired_gain
 from ape.search.soft.prompt import SoftPrompt
 
 from ape.objective import Objective
-from ape.prefix import score_prompts
 from ape.prompt import Prompt
 from ape.task import Example
 
@@ -125,15 +124,14 @@ class Checkpoints:
 
     def finish(self) -> None:
         """Hold the picked checkpoint to the initial prompt on the validation examples; only if
-        it passes does it become a candidate and the artifact. Its test pass goes to the
-        evaluator directly, so a checkpoint that fails never reaches the leaderboard."""
+        it passes does it become a candidate and the artifact. Its test pass is stored but
+        unranked (`score_unranked`), so a checkpoint that fails never reaches the leaderboard."""
         if self.start is None or self.picked is None or self.picked is self.start:
             self.extras["kept_start"] = True
             return
         step = self.picked.info["step"]
-        pool = self.objective.val_pool
-        self.objective.charge(len(pool))
-        row = score_prompts(self.objective.evaluator, self.lm, [self.picked.prompt()], pool)[0]
+        origin = f"soft step {step}"  # its leaderboard origin, should it pass
+        row = self.objective.score_unranked(self.picked.prompt(), self.objective.val_pool, origin)
         gain = paired_gain(row, self.start_row, self.alpha)
         self.extras["acceptance"] = {"step": step, "val_score": float(np.mean(row)), **gain}
         best = self.start
