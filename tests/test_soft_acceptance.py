@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
+import torch
 from ape.search.acceptance import paired_gain
-from test_soft_prompt import soft_run
+from ape.search.soft.prompt import SoftPrompt
+from test_soft_prompt import _sentiment_task, soft_run
+
+from ape.api import _open_store
+from ape.evaluation import make_evaluator
+from ape.objective import Objective
+from ape.prefix import score_prompts
+from ape.prompt import Prompt
 
 
 def test_paired_gain_counts_wins_and_losses_and_tests_them():
@@ -63,3 +72,24 @@ def test_a_checkpoint_without_significant_evidence_keeps_the_start(tiny_lm, sing
 def test_accept_p_must_be_a_level():
     with pytest.raises(ValueError, match="accept_p must be in"):
         soft_run(None, accept_p=0.0)
+
+
+@pytest.mark.parametrize("evaluator", ["choice", "loglik"])
+def test_an_unranked_score_is_the_soft_prompts_own(tiny_lm, single_thread, evaluator):
+    """The acceptance pass (stored, unranked) scores the vectors, not the bare template: the
+    same numbers as scoring through the prefixed model directly."""
+    task = _sentiment_task()
+    scorer = make_evaluator(evaluator, task)
+    store = _open_store(task, tiny_lm, scorer, None, None, False)
+    objective = Objective(task, tiny_lm, scorer, store, progress=False)
+    width = tiny_lm.model.get_input_embeddings().weight.shape[1]
+    vectors = torch.randn(3, width, generator=torch.Generator().manual_seed(0))
+    soft = SoftPrompt(vectors, tiny_lm.name).prompt()
+    row = objective.score_unranked(soft, task.val, origin="test")
+    direct = score_prompts(scorer, tiny_lm, [soft], task.val)[0]
+    np.testing.assert_allclose(row, direct, atol=1e-9)
+    assert objective.computed_pairs == len(task.val)
+    assert not objective.candidates[soft.key()].val  # never a leaderboard entry
+    if evaluator == "loglik":  # continuous scores: the vectors visibly change them
+        bare = score_prompts(scorer, tiny_lm, [Prompt("")], task.val)[0]
+        assert np.abs(row - bare).max() > 1e-3
