@@ -171,17 +171,6 @@ class Objective:
             raise self.budget.exhausted()
         return out
 
-    def score_unranked(
-        self, prompt: Prompt, examples: Sequence[Example], origin: str = ""
-    ) -> np.ndarray:
-        """The evaluator's score of `prompt` on each of `examples`, stored and budgeted as in
-        `evaluate_train` (a resumed run replays it), without making the prompt a leaderboard
-        candidate: for a searcher's own test before a prompt may compete (a soft-prompt
-        checkpoint held to its start). Scoring it later with `evaluate` costs nothing more."""
-        self.evaluate_train([prompt], examples, origin)
-        scores = self.store.scores
-        return np.array([scores.get(p, np.nan) for p in Keyed(prompt, list(examples)).pairs()])
-
     def generate(
         self,
         prompts: Sequence[str],
@@ -294,3 +283,15 @@ class Objective:
             "origin": candidate.origin if candidate else "",
             "budget_used": self.budget.used,
         }
+
+
+def score_unranked(
+    objective: Objective, prompt: Prompt, examples: Sequence[Example], origin: str = ""
+) -> np.ndarray:
+    """The evaluator's score of `prompt` on each of `examples`, stored and budgeted as in
+    `Objective.evaluate_train` (a resumed run replays it), without making the prompt a
+    leaderboard candidate: for a searcher's own test before a prompt may compete (a soft-prompt
+    checkpoint held to its start). Scoring it later with `evaluate` costs nothing more."""
+    objective.evaluate_train([prompt], examples, origin)
+    scores = objective.store.scores
+    return np.array([scores.get(p, np.nan) for p in Keyed(prompt, list(examples)).pairs()])

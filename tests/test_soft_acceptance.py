@@ -11,7 +11,7 @@ from test_soft_prompt import _sentiment_task, soft_run
 
 from ape.api import _open_store
 from ape.evaluation import make_evaluator
-from ape.objective import Objective
+from ape.objective import Objective, score_unranked
 from ape.prefix import score_prompts
 from ape.prompt import Prompt
 
@@ -85,7 +85,7 @@ def test_an_unranked_score_is_the_soft_prompts_own(tiny_lm, single_thread, evalu
     width = tiny_lm.model.get_input_embeddings().weight.shape[1]
     vectors = torch.randn(3, width, generator=torch.Generator().manual_seed(0))
     soft = SoftPrompt(vectors, tiny_lm.name).prompt()
-    row = objective.score_unranked(soft, task.val, origin="test")
+    row = score_unranked(objective, soft, task.val, origin="test")
     direct = score_prompts(scorer, tiny_lm, [soft], task.val)[0]
     np.testing.assert_allclose(row, direct, atol=1e-9)
     assert objective.computed_pairs == len(task.val)

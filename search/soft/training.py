@@ -24,7 +24,7 @@ import torch
 from ape.search.acceptance import paired_gain
 from ape.search.soft.prompt import SoftPrompt
 
-from ape.objective import Objective
+from ape.objective import Objective, score_unranked
 from ape.prompt import Prompt
 from ape.task import Example
 
@@ -131,7 +131,7 @@ class Checkpoints:
             return
         step = self.picked.info["step"]
         origin = f"soft step {step}"  # its leaderboard origin, should it pass
-        row = self.objective.score_unranked(self.picked.prompt(), self.objective.val_pool, origin)
+        row = score_unranked(self.objective, self.picked.prompt(), self.objective.val_pool, origin)
         gain = paired_gain(row, self.start_row, self.alpha)
         self.extras["acceptance"] = {"step": step, "val_score": float(np.mean(row)), **gain}
         best = self.start
