@@ -98,12 +98,11 @@ def by_prefix(
         groups.setdefault(prompt.prefix.label if prompt.prefix else "", []).append(i)
     if set(groups) <= {""}:
         return method(lm, prompts, examples)
-    parts = {}
+    grid = None
     for members in groups.values():
         chosen = [prompts[i] for i in members]
-        parts[tuple(members)] = np.asarray(method(model_for(lm, chosen[0]), chosen, examples))
-    first = next(iter(parts.values()))
-    grid = np.zeros((len(prompts), *first.shape[1:]), dtype=first.dtype)
-    for members, rows in parts.items():
-        grid[list(members)] = rows
+        rows = np.asarray(method(model_for(lm, chosen[0]), chosen, examples))
+        if grid is None:  # its shape is the method's: (prompts, examples[, labels])
+            grid = np.zeros((len(prompts), *rows.shape[1:]), dtype=rows.dtype)
+        grid[members] = rows
     return grid

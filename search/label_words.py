@@ -125,9 +125,9 @@ def search_label_words(
     examples = list({ex.key(): ex for ex in chosen_on + accepted_on}.values())
     matrix = word_matrix(objective, template, labels, pools, examples)
     gold = np.array([labels.index(ex.output) for ex in examples])
-    keys = [ex.key() for ex in examples]
-    sel = [keys.index(ex.key()) for ex in chosen_on]
-    acc = [keys.index(ex.key()) for ex in accepted_on]
+    row = {ex.key(): i for i, ex in enumerate(examples)}
+    sel = [row[ex.key()] for ex in chosen_on]
+    acc = [row[ex.key()] for ex in accepted_on]
     ranked = choose(matrix[sel], gold[sel], [len(p) for p in pools], settings)
     out: list[Assignment] = []
     tried: list[dict[str, Any]] = []  # what the result reports: the best, kept or not

@@ -136,7 +136,7 @@ class Checkpoints:
         self.extras["acceptance"] = {"step": step, "val_score": float(np.mean(row)), **gain}
         best = self.start
         if gain["accepted"]:
-            self.score(self.picked, f"soft step {step}")
+            self.score(self.picked, origin)
             best = self.picked
         self.objective.artifacts["soft_prompt"] = best
         self.extras.update(kept_start=best is self.start, picked_step=step)
