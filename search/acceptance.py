@@ -3,6 +3,10 @@
 At a few shots a margin of two examples out of 32 is noise, and a soft prompt or label-word set
 kept on such a margin has ended below its start on test. `paired_gain` asks for more: a higher
 mean, and more examples improved than worsened by a one-sided exact sign test.
+
+`label_entropy` is the other evidence a classifier can give: no answer that ignores the input
+reaches a cross-entropy below the entropy of the labels, so a validation loss under it shows the
+prompt reads the input (a prompt that collapsed onto one label cannot get there).
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from scipy.stats import binomtest
+from scipy.stats import binomtest, entropy
 
 ACCEPT_P = 0.05  # the default level
 
@@ -29,8 +33,24 @@ def paired_gain(new: Sequence[float], old: Sequence[float], alpha: float) -> dic
         "losses": losses,
         "p_value": round(float(p), 6),
         "alpha": alpha,
-        "accepted": bool(better and (alpha >= 1 or p < alpha)),
+        "better": bool(better),
+        "accepted": passes(bool(better), float(p), alpha),
     }
+
+
+def passes(better: bool, p_value: float, alpha: float, below_chance: bool = False) -> bool:
+    """The acceptance rule: a higher mean, and either the sign test at level `alpha` (1: the mean
+    alone) or a validation loss below the labels' entropy (`label_entropy`)."""
+    return better and (alpha >= 1 or p_value < alpha or below_chance)
+
+
+def label_entropy(labels: Sequence[str]) -> float:
+    """The entropy (nats) of these labels' frequencies: the lowest cross-entropy an answer that
+    ignores the input can reach on them (log K for K balanced labels)."""
+    if not labels:
+        raise ValueError("label_entropy needs at least one label")
+    _, counts = np.unique(np.asarray(labels, dtype=object).astype(str), return_counts=True)
+    return float(entropy(counts))
 
 
 def check_level(name: str, alpha: float) -> None:

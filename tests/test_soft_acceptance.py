@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
-from ape.search.acceptance import paired_gain
+from ape.search.acceptance import label_entropy, paired_gain
+from ape.search.soft import training as training_module
 from ape.search.soft.prompt import SoftPrompt
+from ape.search.soft.training import Checkpoints
 from test_soft_prompt import _sentiment_task, soft_run
 
 from ape.api import _open_store
@@ -30,6 +34,72 @@ def test_paired_gain_counts_wins_and_losses_and_tests_them():
     assert clear["accepted"] and clear["p_value"] == pytest.approx(0.5**6)
     assert not paired_gain(old, old, alpha=1.0)["accepted"]  # equal is not better
     assert not paired_gain([0.0] * 31 + [-1.0], old, alpha=1.0)["accepted"]
+
+
+def test_label_entropy_is_the_best_input_blind_cross_entropy():
+    assert label_entropy(["a", "b"] * 16) == pytest.approx(math.log(2))
+    assert label_entropy(list("abcde") * 6) == pytest.approx(math.log(5))
+    # 3:1 labels: predicting (0.75, 0.25) for every input gives exactly this cross-entropy
+    assert label_entropy(["a", "a", "a", "b"]) == pytest.approx(
+        -(0.75 * math.log(0.75) + 0.25 * math.log(0.25))
+    )
+    assert label_entropy(["a"] * 3) == 0.0
+    with pytest.raises(ValueError, match="at least one label"):
+        label_entropy([])
+
+
+@pytest.mark.parametrize(
+    "val_loss, better, accepted",
+    [(0.5, True, True), (0.9, True, False), (0.5, False, False)],
+    ids=["below-chance", "above-chance", "below-chance-but-lower-mean"],
+)
+def test_a_checkpoint_below_chance_needs_only_a_higher_mean(
+    tiny_lm, single_thread, monkeypatch, val_loss, better, accepted
+):
+    """2 wins and no loss is far from significant; a validation loss below the labels' entropy
+    (log 2 here) is the other evidence that lets such a checkpoint replace the start."""
+    task = _sentiment_task()
+    scorer = make_evaluator("choice", task)
+    store = _open_store(task, tiny_lm, scorer, None, None, False)
+    objective = Objective(task, tiny_lm, scorer, store, progress=False)
+
+    def weak_gain(new, old, alpha):
+        return {"wins": 2, "losses": 0, "p_value": 0.25, "better": better, "accepted": False}
+
+    monkeypatch.setattr(training_module, "paired_gain", weak_gain)
+    losses = iter([1.2, val_loss])  # the start's validation loss, then the checkpoint's
+    chance = label_entropy([ex.output for ex in task.val])
+    run = Checkpoints(objective, tiny_lm, {}, lambda v, b: torch.tensor(next(losses)), 0.05, chance)
+    width = tiny_lm.model.get_input_embeddings().weight.shape[1]
+    run.begin(torch.zeros(2, width))
+    run.checkpoint(2, torch.randn(2, width, generator=torch.Generator().manual_seed(0)))
+    run.finish()
+    acceptance = objective.extras["soft_prompt"]["acceptance"]
+    assert acceptance["chance_loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert acceptance["below_chance"] is (val_loss < chance)
+    assert acceptance["accepted"] is accepted
+    assert objective.artifacts["soft_prompt"].info["step"] == (2 if accepted else 0)
+    assert any(e.startswith("soft step") for e in _origins(objective)) is accepted
+
+
+def _origins(objective: Objective) -> set[str]:
+    return {c.origin for c in objective.candidates.values() if c.val}
+
+
+@pytest.mark.parametrize("below_chance", [True, False])
+def test_the_chance_evidence_is_recorded_for_classification_unless_switched_off(
+    tiny_lm, single_thread, below_chance
+):
+    result = soft_run(
+        tiny_lm, seed=0, steps=6, batch_size=4, eval_every=2, lr=0.05, below_chance=below_chance
+    )
+    acceptance = result.extras["soft_prompt"]["acceptance"]
+    assert ("chance_loss" in acceptance) is below_chance
+    if below_chance:
+        assert acceptance["chance_loss"] == pytest.approx(math.log(2), abs=1e-6)
+        picked = result.extras["soft_prompt"]["picked_step"]
+        losses = {c["step"]: c["val_loss"] for c in result.extras["soft_prompt"]["checkpoints"]}
+        assert acceptance["val_loss"] == pytest.approx(losses[picked])
 
 
 def _run(tiny_lm, accept_p: float):

@@ -19,8 +19,10 @@ Modes (`--mode`):
    the scorer's own prefix-reusing path, gradients on. Each training example costs one unit.
 3. Selection (training.py): the initial prompt is a candidate; checkpoints every `eval_every`
    steps are compared by validation loss with early stopping; the lowest-loss one becomes a
-   second candidate only if it beats the initial prompt on significantly more validation
-   examples than it loses (`accept_p`). The winner goes into `objective.artifacts["soft_prompt"]`.
+   second candidate only if it beats the initial prompt on average and either on significantly
+   more validation examples than it loses (`accept_p`) or, for classification, with a
+   validation loss below the labels' entropy (`below_chance`). The winner goes into
+   `objective.artifacts["soft_prompt"]`.
    With `--label-words search` (the `choice` evaluator) the label words are chosen first, for
    the starting text (search/label_words.py); training, checkpoints and the saved soft prompt
    (`info["label_words"]`) use them.
@@ -35,7 +37,7 @@ from typing import ClassVar
 
 import numpy as np
 import torch
-from ape.search.acceptance import ACCEPT_P, check_level
+from ape.search.acceptance import ACCEPT_P, check_level, label_entropy
 from ape.search.base import non_negative, option, positive
 from ape.search.label_words import LABEL_WORDS_HELP, LabelWordsMode, searched_words
 from ape.search.soft.encoders import Direct, PrefixMLP, PromptEncoder, ScaledKV
@@ -115,9 +117,15 @@ class SoftPromptSearcher:
     label_words: LabelWordsMode = option("given", LABEL_WORDS_HELP)
     accept_p: float = option(
         ACCEPT_P,
-        "the best checkpoint replaces the initial prompt only if it scores higher on "
-        "significantly more validation examples than lower (one-sided sign test at this level; "
-        "1: a higher mean suffices)",
+        "the best checkpoint replaces the initial prompt only if it scores higher on average "
+        "and either higher on significantly more validation examples than lower (one-sided "
+        "sign test at this level; 1: a higher mean suffices) or passes --below-chance",
+    )
+    below_chance: bool = option(
+        True,
+        "classification: a checkpoint with a higher validation mean is also accepted when its "
+        "validation cross-entropy is below the labels' entropy (log K for K balanced labels), "
+        "which no answer that ignores the input reaches",
     )
 
     def __post_init__(self) -> None:
@@ -165,8 +173,10 @@ class SoftPromptSearcher:
         optimizer = torch.optim.AdamW(params.parameters(), lr=lr, weight_decay=self.weight_decay)
         table = embedding_table(lm).to(lm.device, lm.model.dtype) if self.mode == "pez" else None
         info = self._info(text, start_ids, lr) | ({"label_words": words} if words else {})
-        run = Checkpoints(objective, lm, info, loss_fn, self.accept_p)
         balance = offers(objective.evaluator, LABEL_LOGPROBS)  # classification: labels known
+        val_labels = [ex.output for ex in objective.val_pool]
+        chance = label_entropy(val_labels) if balance and self.below_chance else None
+        run = Checkpoints(objective, lm, info, loss_fn, self.accept_p, chance)
         rng = np.random.default_rng(objective.seed)
         batches = balanced_batches(task.train, self.batch_size, rng, balance)
 

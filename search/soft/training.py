@@ -7,9 +7,11 @@
   where accuracy over 32 examples moves in steps of 1/32 and ties often), early stopping counts
   checkpoints without a lower loss, and the lowest-loss checkpoint is then held to the initial
   prompt on the evaluator's score, example by example (`paired_gain`): it becomes a candidate
-  only if it wins on significantly more validation examples than it loses (a one-sided sign
-  test). At 16 shots a 2-example margin over 32 is noise, and a checkpoint kept on such a
-  margin has ended below its start on test; the initial prompt stays the result otherwise.
+  only if it scores higher on average and either wins on significantly more validation examples
+  than it loses (a one-sided sign test) or, for classification, has a validation loss below the
+  labels' entropy (`label_entropy`: what no input-blind answer reaches). At 16 shots a
+  2-example margin over 32 is noise, and a checkpoint kept on such a margin alone has ended
+  below its start on test; the initial prompt stays the result otherwise.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from ape.search.acceptance import paired_gain
+from ape.search.acceptance import paired_gain, passes
 from ape.search.soft.prompt import SoftPrompt
 
 from ape.objective import Objective, score_unranked
@@ -77,15 +79,26 @@ Loss = Callable[[torch.Tensor, Sequence[Example]], torch.Tensor]
 
 class Checkpoints:
     """The initial prompt, and the checkpoint with the lowest validation loss if it passes
-    `paired_gain` against it (at level `alpha`), as candidates; the result's soft prompt
-    (`objective.artifacts["soft_prompt"]`) is the checkpoint if it passed, else the start."""
+    `paired_gain` against it (at level `alpha`) or, with a higher mean, has a validation loss
+    below `chance` (None: no such evidence, e.g. the loss is not a classifier's), as candidates;
+    the result's soft prompt (`objective.artifacts["soft_prompt"]`) is the checkpoint if it
+    passed, else the start."""
 
-    def __init__(self, objective: Objective, lm: Any, info: dict, loss: Loss, alpha: float):
+    def __init__(
+        self,
+        objective: Objective,
+        lm: Any,
+        info: dict,
+        loss: Loss,
+        alpha: float,
+        chance: float | None = None,
+    ):
         self.objective = objective
         self.lm = lm
         self.info = info
         self.loss = loss
         self.alpha = alpha
+        self.chance = chance
         self.start: SoftPrompt | None = None
         self.start_row: np.ndarray | None = None  # the start's score on each validation example
         self.picked: SoftPrompt | None = None  # the lowest validation loss so far
@@ -123,9 +136,10 @@ class Checkpoints:
             self.stale += 1
 
     def finish(self) -> None:
-        """Hold the picked checkpoint to the initial prompt on the validation examples; only if
-        it passes does it become a candidate and the artifact. Its test pass is stored but
-        unranked (`score_unranked`), so a checkpoint that fails never reaches the leaderboard."""
+        """Hold the picked checkpoint to the initial prompt on the validation examples (and its
+        loss to chance); only if it passes does it become a candidate and the artifact. Its
+        test pass is stored but unranked (`score_unranked`), so a checkpoint that fails never
+        reaches the leaderboard."""
         if self.start is None or self.picked is None or self.picked is self.start:
             self.extras["kept_start"] = True
             return
@@ -133,6 +147,11 @@ class Checkpoints:
         origin = f"soft step {step}"  # its leaderboard origin, should it pass
         row = score_unranked(self.objective, self.picked.prompt(), self.objective.val_pool, origin)
         gain = paired_gain(row, self.start_row, self.alpha)
+        if self.chance is not None:
+            below = self.picked_loss < self.chance
+            gain.update(val_loss=round(self.picked_loss, 6), chance_loss=round(self.chance, 6))
+            accepted = passes(gain["better"], gain["p_value"], self.alpha, below)
+            gain.update(below_chance=below, accepted=accepted)
         self.extras["acceptance"] = {"step": step, "val_score": float(np.mean(row)), **gain}
         best = self.start
         if gain["accepted"]:
