@@ -2,7 +2,7 @@
 runs that recorded their evidence.
 
 Usage:
-    python benchmarks/classification/replay_acceptance.py DIR [DIR ...]
+    python benchmarks/classification/replay_acceptance.py DIR [DIR ...] [--seeds 13,21]
         [--out benchmarks/results/classification/soft-acceptance.md]
 
 Acceptance happens after training (search/soft/training.py `Checkpoints.finish`): the checkpoint
@@ -153,9 +153,13 @@ def default_table(runs: dict[tuple, dict], fixed: dict[str, dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("dirs", nargs="+", type=Path)
+    parser.add_argument("--seeds", help="only these seeds (default: every seed found)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     runs, fixed = collect(args.dirs)
+    if args.seeds:
+        keep = {int(seed) for seed in args.seeds.split(",")}
+        runs = {key: run for key, run in runs.items() if key[1] in keep}
     text = f"{report(runs)}\nUnder the default rule:\n\n{default_table(runs, fixed)}"
     print(text)
     if args.out:
