@@ -11,6 +11,7 @@ prompt reads the input (a prompt that collapsed onto one label cannot get there)
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
@@ -20,7 +21,9 @@ from scipy.stats import binomtest, entropy
 ACCEPT_P = 0.05  # the default level
 
 
-def paired_gain(new: Sequence[float], old: Sequence[float], alpha: float) -> dict[str, Any]:
+def paired_gain(
+    new: Sequence[float], old: Sequence[float], alpha: float, below_chance: bool = False
+) -> dict[str, Any]:
     """Whether `new` beats `old` on the same examples: higher mean, and more examples where it
     scores higher than lower by a one-sided exact sign test at level `alpha` (ties drop out, so
     it suits 0/1 correctness and continuous scores alike). `alpha` 1: the mean alone decides."""
@@ -34,7 +37,7 @@ def paired_gain(new: Sequence[float], old: Sequence[float], alpha: float) -> dic
         "p_value": round(float(p), 6),
         "alpha": alpha,
         "better": bool(better),
-        "accepted": passes(bool(better), float(p), alpha),
+        "accepted": passes(bool(better), float(p), alpha, below_chance),
     }
 
 
@@ -49,8 +52,7 @@ def label_entropy(labels: Sequence[str]) -> float:
     ignores the input can reach on them (log K for K balanced labels)."""
     if not labels:
         raise ValueError("label_entropy needs at least one label")
-    _, counts = np.unique(np.asarray(labels, dtype=object).astype(str), return_counts=True)
-    return float(entropy(counts))
+    return float(entropy(list(Counter(labels).values())))
 
 
 def check_level(name: str, alpha: float) -> None:

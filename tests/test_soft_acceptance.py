@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from ape.search.acceptance import label_entropy, paired_gain
+from ape.search.acceptance import label_entropy, paired_gain, passes
 from ape.search.soft import training as training_module
 from ape.search.soft.prompt import SoftPrompt
 from ape.search.soft.training import Checkpoints
@@ -32,7 +32,9 @@ def test_paired_gain_counts_wins_and_losses_and_tests_them():
     assert paired_gain(narrow, old_narrow, alpha=1.0)["accepted"]  # a higher mean suffices
     clear = paired_gain([1.0] * 6 + [0.0] * 26, old, alpha=0.05)
     assert clear["accepted"] and clear["p_value"] == pytest.approx(0.5**6)
+    assert paired_gain(narrow, old_narrow, alpha=0.05, below_chance=True)["accepted"]
     assert not paired_gain(old, old, alpha=1.0)["accepted"]  # equal is not better
+    assert not paired_gain(old, old, alpha=0.05, below_chance=True)["accepted"]
     assert not paired_gain([0.0] * 31 + [-1.0], old, alpha=1.0)["accepted"]
 
 
@@ -63,8 +65,9 @@ def test_a_checkpoint_below_chance_needs_only_a_higher_mean(
     store = _open_store(task, tiny_lm, scorer, None, None, False)
     objective = Objective(task, tiny_lm, scorer, store, progress=False)
 
-    def weak_gain(new, old, alpha):
-        return {"wins": 2, "losses": 0, "p_value": 0.25, "better": better, "accepted": False}
+    def weak_gain(new, old, alpha, below_chance=False):
+        accepted = passes(better, 0.25, alpha, below_chance)
+        return {"wins": 2, "losses": 0, "p_value": 0.25, "better": better, "accepted": accepted}
 
     monkeypatch.setattr(training_module, "paired_gain", weak_gain)
     losses = iter([1.2, val_loss])  # the start's validation loss, then the checkpoint's

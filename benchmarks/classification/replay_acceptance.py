@@ -18,6 +18,7 @@ several, the first DIR given wins. A run whose rule-accepted checkpoint was neve
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from pathlib import Path
@@ -38,14 +39,19 @@ RULES = {
 }
 
 
+@functools.cache
+def dev_entropy(dataset: str, seed: int) -> float:
+    """The seed's dev labels' entropy (read once per set and seed, not once per rule)."""
+    return label_entropy([ex.output for ex in load(dataset, seed, 0).val])
+
+
 def evidence(run: dict) -> dict | None:
     """The picked checkpoint's evidence, or None when the start itself had the lowest loss."""
     accept = run.get("acceptance")
     if not accept:
         return None
     losses = {c["step"]: c["val_loss"] for c in run["checkpoints"]}
-    task = load(run["dataset"], run["seed"], 0)
-    chance = label_entropy([ex.output for ex in task.val])
+    chance = dev_entropy(run["dataset"], run["seed"])
     # Runs before `better` was recorded: an accepted checkpoint had a higher mean; else unknown.
     better = accept.get("better", True if accept["accepted"] else None)
     return {

@@ -175,8 +175,8 @@ class SoftPromptSearcher:
         table = embedding_table(lm).to(lm.device, lm.model.dtype) if self.mode == "pez" else None
         info = self._info(text, start_ids, lr) | ({"label_words": words} if words else {})
         balance = offers(objective.evaluator, LABEL_LOGPROBS)  # classification: labels known
-        val_labels = [ex.output for ex in objective.val_pool]
-        chance = label_entropy(val_labels) if balance and self.below_chance else None
+        use_chance = balance and self.below_chance
+        chance = label_entropy([ex.output for ex in objective.val_pool]) if use_chance else None
         run = Checkpoints(objective, lm, info, loss_fn, self.accept_p, chance)
         rng = np.random.default_rng(objective.seed)
         batches = balanced_batches(task.train, self.batch_size, rng, balance)

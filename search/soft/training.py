@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from ape.search.acceptance import paired_gain, passes
+from ape.search.acceptance import paired_gain
 from ape.search.soft.prompt import SoftPrompt
 
 from ape.objective import Objective, score_unranked
@@ -146,12 +146,11 @@ class Checkpoints:
         step = self.picked.info["step"]
         origin = f"soft step {step}"  # its leaderboard origin, should it pass
         row = score_unranked(self.objective, self.picked.prompt(), self.objective.val_pool, origin)
-        gain = paired_gain(row, self.start_row, self.alpha)
+        below = self.chance is not None and self.picked_loss < self.chance
+        gain = paired_gain(row, self.start_row, self.alpha, below_chance=below)
         if self.chance is not None:
-            below = self.picked_loss < self.chance
             gain.update(val_loss=round(self.picked_loss, 6), chance_loss=round(self.chance, 6))
-            accepted = passes(gain["better"], gain["p_value"], self.alpha, below)
-            gain.update(below_chance=below, accepted=accepted)
+            gain.update(below_chance=below)
         self.extras["acceptance"] = {"step": step, "val_score": float(np.mean(row)), **gain}
         best = self.start
         if gain["accepted"]:
