@@ -153,7 +153,20 @@ def default_table(runs: dict[tuple, dict], fixed: dict[str, dict]) -> str:
             + f" | {manual:.3f} | {none:.3f} | {below} of {len(mine)} |"
         )
     cells = " | ".join(f"{np.mean(means[m]):.3f}" for m in [*MODES, "manual", "none"])
-    return "\n".join([*lines, f"| mean of the sets | | {cells} | |"]) + "\n"
+    seconds = " | ".join(
+        f"{np.median([r['train_seconds'] for k, r in runs.items() if k[2] == m]):.0f}"
+        for m in MODES
+    )
+    return (
+        "\n".join(
+            [
+                *lines,
+                f"| mean of the sets | | {cells} | |",
+                f"| training s per run (median) | | {seconds} | – | – | |",
+            ]
+        )
+        + "\n"
+    )
 
 
 def main() -> None:

@@ -2,10 +2,11 @@
 
 Usage:
     nice -n 10 python benchmarks/classification/run_label_words.py [--datasets sst-2,mr]
-        [--seeds 13,21,42,87,100] [--test-rows 300] [--verify]
+        [--seeds 13,21,42,87,100] [--test-rows 300] [--verify] [--prompt manual|none]
         [--out benchmarks/results/classification/label_words]
 
-The prompt is held fixed: run.py's manual instruction for the set, no demos. Per dataset and
+The prompt is held fixed: run.py's manual instruction for the set (`--prompt none`: no
+instruction; give it its own --out, e.g. label_words-none), no demos. Per dataset and
 seed, the label words are searched (search/label_words.py) on the seed's train and dev splits,
 once with uncalibrated and once with calibrated `choice` scoring, and every choice is scored on
 the same fixed test subsample as run.py.
@@ -92,6 +93,7 @@ def variant_of(settings: WordSearch) -> str:
 GUARDED = " + acceptance test"  # the best that passes search/acceptance.py against the given
 DEFAULT_VARIANT = variant_of(DEFAULT) + GUARDED  # what the product's search returns first
 SCORINGS = {"uncalibrated": False, "calibrated": True}
+PROMPTS = {"manual": "run.py's manual instruction", "none": "no instruction"}
 
 
 def objective_for(task: ape.Task, lm, calibrate: bool, out: Path) -> Objective:
@@ -237,13 +239,18 @@ class TestWords:
         return float((test[0].argmax(axis=1) == gold).mean())
 
 
+def template_for(dataset: str, args) -> ape.Prompt:
+    """The fixed prompt the words are searched under: the manual instruction, or none at all."""
+    return ape.Prompt(MANUAL[dataset] if args.prompt == "manual" else "")
+
+
 def search_one(dataset: str, seed: int, lm, args, out: Path) -> dict[str, Any]:
     """Phase 1 for one dataset and seed: the words every variant chooses, under both scorings."""
     path = out / "runs" / f"{dataset}-seed{seed}.json"
     if path.exists():
         return json.loads(path.read_text())
     task = dataclasses.replace(load(dataset, seed, args.test_rows), name=dataset)
-    template = ape.Prompt(MANUAL[dataset])
+    template = template_for(dataset, args)
     labels, words = make_evaluator("choice", task).label_words(task.train)
     started = time.perf_counter()
     objective = objective_for(task, lm, False, out)
@@ -265,7 +272,8 @@ def test_dataset(dataset: str, records: list[dict[str, Any]], lm, args, out: Pat
     """Phase 2 for one dataset: every chosen word scored on test in one call, then each run's
     test accuracies, written into its file."""
     task = dataclasses.replace(load(dataset, SEEDS[0], args.test_rows), name=dataset)
-    tests = TestWords(task, lm, ape.Prompt(MANUAL[dataset]), out / "cache" / f"{dataset}-test.json")
+    cache = out / "cache" / f"{dataset}-test.json"
+    tests = TestWords(task, lm, template_for(dataset, args), cache)
     wanted = [r["given"] for r in records] + [
         v["words"] for r in records for scoring in SCORINGS for v in r["chosen"][scoring].values()
     ]
@@ -365,6 +373,7 @@ def write(out: Path, rows: list[dict[str, Any]], args, started: float) -> None:
         "wall_s": round(time.perf_counter() - started, 1),
     }
     settings = {"datasets": args.datasets, "seeds": args.seeds, "test_rows": args.test_rows}
+    settings["prompt"] = args.prompt
     settings["search"] = dataclasses.asdict(DEFAULT)
     settings["variants"] = {name: [on, list(src)] for name, (on, src) in VARIANTS.items()}
     (out / "summary.json").write_text(
@@ -372,7 +381,7 @@ def write(out: Path, rows: list[dict[str, Any]], args, started: float) -> None:
         + "\n"
     )
     (out / "summary.md").write_text(
-        f"Label words searched for a fixed prompt (run.py's manual instruction, no demos) vs the "
+        f"Label words searched for a fixed prompt ({PROMPTS[args.prompt]}, no demos) vs the "
         f"task's given words; test accuracy on a fixed {args.test_rows}-row subsample of each "
         f"test set, mean ± std over the seeds' train/dev splits (the given words do not depend "
         f"on the seed). Calibrated: contextual calibration (Zhao et al. 2021) as "
@@ -388,6 +397,12 @@ def main() -> None:
     parser.add_argument("--seeds", default=",".join(map(str, SEEDS)))
     parser.add_argument("--test-rows", type=int, default=300)
     parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument(
+        "--prompt",
+        choices=("manual", "none"),
+        default="manual",
+        help="the fixed prompt: run.py's manual instruction, or no instruction (use its own --out)",
+    )
     parser.add_argument(
         "--verify",
         action="store_true",
