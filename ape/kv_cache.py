@@ -46,10 +46,11 @@ def run(module: torch.nn.Module, *, cache: DynamicCache | None = None, **inputs)
 
     Pass `use_cache=True` in `inputs` to get a cache back; a given cache is read either way.
     """
-    out = module(**inputs, **{cache_argument(module): cache})
-    # A ModelOutput holds only the fields that are set, under the installed version's name.
-    returned = out["cache"] if "cache" in out else out.get("past_key_values")
-    return out, returned
+    name = cache_argument(module)
+    out = module(**inputs, **{name: cache})
+    # The output field has the argument's name; asking a 5.x output for the old name logs a
+    # deprecation warning, so only the installed version's name is read.
+    return out, out.get(name)
 
 
 def layer_states(cache) -> LayerStates:
