@@ -157,16 +157,9 @@ def default_table(runs: dict[tuple, dict], fixed: dict[str, dict]) -> str:
         f"{np.median([r['train_seconds'] for k, r in runs.items() if k[2] == m]):.0f}"
         for m in MODES
     )
-    return (
-        "\n".join(
-            [
-                *lines,
-                f"| mean of the sets | | {cells} | |",
-                f"| training s per run (median) | | {seconds} | – | – | |",
-            ]
-        )
-        + "\n"
-    )
+    lines.append(f"| mean of the sets | | {cells} | |")
+    lines.append(f"| training s per run (median) | | {seconds} | – | – | |")
+    return "\n".join(lines) + "\n"
 
 
 def main() -> None:

@@ -6,7 +6,7 @@ Usage:
         [--out benchmarks/results/classification/label_words]
 
 The prompt is held fixed: run.py's manual instruction for the set (`--prompt none`: no
-instruction; give it its own --out, e.g. label_words-none), no demos. Per dataset and
+instruction, results in label_words-none by default), no demos. Per dataset and
 seed, the label words are searched (search/label_words.py) on the seed's train and dev splits,
 once with uncalibrated and once with calibrated `choice` scoring, and every choice is scored on
 the same fixed test subsample as run.py.
@@ -94,6 +94,8 @@ GUARDED = " + acceptance test"  # the best that passes search/acceptance.py agai
 DEFAULT_VARIANT = variant_of(DEFAULT) + GUARDED  # what the product's search returns first
 SCORINGS = {"uncalibrated": False, "calibrated": True}
 PROMPTS = {"manual": "run.py's manual instruction", "none": "no instruction"}
+# Each fixed prompt has its own folder: its studies and test cache hold scores under that prompt.
+OUTS = {"manual": OUT, "none": OUT.with_name("label_words-none")}
 
 
 def objective_for(task: ape.Task, lm, calibrate: bool, out: Path) -> Objective:
@@ -396,12 +398,12 @@ def main() -> None:
     parser.add_argument("--datasets", default=",".join(DATASETS))
     parser.add_argument("--seeds", default=",".join(map(str, SEEDS)))
     parser.add_argument("--test-rows", type=int, default=300)
-    parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--out", type=Path, help="default: label_words, or label_words-none")
     parser.add_argument(
         "--prompt",
-        choices=("manual", "none"),
+        choices=tuple(PROMPTS),
         default="manual",
-        help="the fixed prompt: run.py's manual instruction, or no instruction (use its own --out)",
+        help="the fixed prompt: run.py's manual instruction, or no instruction",
     )
     parser.add_argument(
         "--verify",
@@ -411,7 +413,7 @@ def main() -> None:
     args = parser.parse_args()
     args.datasets = args.datasets.split(",")
     args.seeds = [int(s) for s in args.seeds.split(",")]
-    out: Path = args.out
+    out: Path = args.out or OUTS[args.prompt]
     (out / "runs").mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     lm = ape.load_model()
