@@ -3,12 +3,13 @@ one table: test accuracy mean ± std over seeds per set, the mean of the sets, a
 median seconds per run.
 
 Usage:
-    python benchmarks/classification/words_table.py [--given-soft DIR ...] [--searched-soft DIR]
-        [--manual DIR] [--none DIR] [--out benchmarks/results/classification/label_words.md]
+    python benchmarks/classification/words_table.py [--given-soft DIR ...] [--searched-soft DIR ...]
+        [--manual DIR] [--none DIR] [--out benchmarks/results/classification/words.md]
 
 Soft rows (prompt tuning, prefix tuning, P-tuning) are `run_soft.py` runs replayed under the
 default acceptance rule (replay_acceptance.py), with the given words from `--given-soft` and with
-`--option label_words='"search"'` from `--searched-soft`. Manual-prompt and no-prompt rows are
+`--option label_words='"search"'` from `--searched-soft` (default: soft-words and soft-words-b,
+two processes' folders, each with its own study storage). Manual-prompt and no-prompt rows are
 `run_label_words.py` runs (`--prompt manual` / `--prompt none`): the given words and the default
 word search (train+dev, all sources, acceptance test), uncalibrated as `choice` scores by default.
 Seconds: training (word search included) for soft rows, the word search for fixed prompts.
@@ -122,14 +123,19 @@ def main() -> None:
             RESULTS / n for n in ("soft-any", "soft-prefix-lr0.02", "soft-accept-any", "soft")
         ],
     )
-    parser.add_argument("--searched-soft", type=Path, default=RESULTS / "soft-words")
+    parser.add_argument(
+        "--searched-soft",
+        nargs="+",
+        type=Path,
+        default=[RESULTS / "soft-words", RESULTS / "soft-words-b"],
+    )
     parser.add_argument("--manual", type=Path, default=RESULTS / "label_words")
     parser.add_argument("--none", type=Path, default=RESULTS / "label_words-none")
     parser.add_argument("--seeds", help="only these seeds (default: every seed found)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     seeds = {int(s) for s in args.seeds.split(",")} if args.seeds else None
-    given, searched = soft_rows(args.given_soft, seeds), soft_rows([args.searched_soft], seeds)
+    given, searched = soft_rows(args.given_soft, seeds), soft_rows(args.searched_soft, seeds)
     rows: dict[tuple[str, str], Row] = {}
     for mode, name in MODES.items():
         rows[(name, "given")] = given[mode]
