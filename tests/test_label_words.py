@@ -314,6 +314,9 @@ def test_soft_prompts_train_and_save_with_searched_words(tiny_lm, monkeypatch, t
     words = start.label_words
     assert words and set(words) == set(task.labels)
     assert result.artifacts["soft_prompt"].info["label_words"] == words
+    # ranked on train alone, so val (where checkpoints meet the start) stays unbiased
+    [report] = result.extras["label_word_search"]
+    assert report["selection_examples"] == len(task.train)
     # The start still scores exactly as its text prompt, now with the searched words.
     [text_score] = ape.evaluate(
         task,
