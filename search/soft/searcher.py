@@ -161,8 +161,8 @@ class SoftPromptSearcher:
         task = objective.task
         text = self.init_text or _default_text(objective)
         # Words chosen for the text the vectors start from: step 0 scores as that text prompt.
-        # Ranked on train alone: the checkpoints are held to this start on val, where words
-        # ranked on val would score above their worth (SST-2 seed 13: dev 0.81, test 0.63).
+        # Ranked on train alone: the checkpoints are held to this start on val, so val should
+        # not also have ranked its words (it still screens them against the given ones).
         words = searched_words(
             objective, self.label_words, Prompt(text if self.init == "text" else ""), TRAIN_RANKED
         )
