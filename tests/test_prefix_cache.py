@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -113,3 +115,19 @@ def test_the_cap_comes_from_the_environment(monkeypatch):
     monkeypatch.setenv(ENV_MB, "lots")
     with pytest.raises(ValueError, match="APE_PREFIX_CACHE_MB='lots' is not a number"):
         default_bytes()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_cache_on_cuda(tiny_lm, prefix_runs, dtype):
+    """On the GPU the cached prefix is read as on the CPU: fp32 to the reference, bf16 close to
+    it, and a prompt scored again gives its first scores back."""
+    model = copy.deepcopy(tiny_lm.model).to("cuda", dtype)
+    lm = HFLanguageModel(model, tiny_lm.tokenizer, name="tiny-cuda", prefix_cache_bytes=2**26)
+    tol = TOL if dtype == torch.float32 else 1e-1
+    first = assert_matches_reference(lm, requests(FIRST), tol)
+    prefix_runs.clear()
+    assert_matches_reference(lm, requests(SECOND), tol)
+    assert prefix_runs == [] and lm.scorer.prefix_cache.read_tokens > 0
+    np.testing.assert_allclose(lm.loglikelihood(requests(FIRST)), first, rtol=0, atol=tol)
