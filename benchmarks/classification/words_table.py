@@ -27,10 +27,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from replay_acceptance import RULES, collect, outcome  # noqa: E402
 from run import DATASETS  # noqa: E402
+from run_label_words import DEFAULT_VARIANT, mean_std, test_of  # noqa: E402
 from run_soft import MODES  # noqa: E402
 
 RESULTS = Path("benchmarks/results/classification")
-SEARCHED = "train+dev, all + acceptance test"  # run_label_words.py's default search variant
 DEFAULT_RULE = RULES["sign test or below chance (default)"]
 
 # (dataset, seed) -> test accuracy, and the seconds per run, for one table row
@@ -57,21 +57,17 @@ def fixed_rows(folder: Path, seeds: set[int] | None) -> dict[str, Row]:
         run = json.loads(path.read_text())
         if seeds and run["seed"] not in seeds:
             continue
-        chosen = run["chosen"]["uncalibrated"]
-        if "test" not in chosen.get("given", {}):
+        if "test" not in run["chosen"]["uncalibrated"].get("given", {}):
             continue  # searched, not yet scored on test (run_label_words.py scores at the end)
         key = (run["dataset"], run["seed"])
-        given[0][key] = chosen["given"]["test"]
-        searched[0][key] = chosen[SEARCHED]["test"]
+        given[0][key] = test_of(run, "uncalibrated", "given")
+        searched[0][key] = test_of(run, "uncalibrated", DEFAULT_VARIANT)
         searched[1].append(run["search_s"])
     return {"given": given, "searched": searched}
 
 
 def cell(values: list[float]) -> str:
-    if not values:
-        return "–"
-    spread = f" ± {np.std(values, ddof=1):.3f}" if len(values) > 1 else ""
-    return f"{np.mean(values):.3f}{spread} ({len(values)})"
+    return f"{mean_std(values)} ({len(values)})" if values else "–"
 
 
 def table(rows: dict[tuple[str, str], Row]) -> str:
