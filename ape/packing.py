@@ -21,6 +21,9 @@ import torch
 
 # A shared prefix shorter than this is not worth a separate forward pass.
 MIN_SHARED_PREFIX = 4
+# A pack narrower than this fraction of its batch's widest starts a new batch: in the wide one it
+# would be mostly padding. Rows sharing a short prefix make many small packs (one group each).
+MIN_FILL = 0.75
 
 Pairs = list[tuple[list[int], list[int]]]
 
@@ -166,16 +169,18 @@ def fill(items: list[Pack], capacity: int) -> list[Pack]:
 
 
 def batched(packs: list[Pack], budget: int) -> Iterator[list[Pack]]:
-    """Consecutive packs whose padded size (batch x longest) stays within `budget` tokens."""
+    """The packs, widest first, in batches whose padded size (batch x widest) stays within
+    `budget` tokens and whose packs are each at least `MIN_FILL` of the batch's widest."""
     batch: list[Pack] = []
     longest = 0
-    for pack in packs:
-        wider = max(longest, pack.size + pack.prefix_len)
-        if batch and wider * (len(batch) + 1) > budget:
+    for one in sorted(packs, key=lambda p: p.size + p.prefix_len, reverse=True):
+        size = one.size + one.prefix_len
+        if batch and (longest * (len(batch) + 1) > budget or size < MIN_FILL * longest):
             yield batch
-            batch, wider = [], pack.size + pack.prefix_len
-        batch.append(pack)
-        longest = wider
+            batch = []
+        if not batch:
+            longest = size
+        batch.append(one)
     if batch:
         yield batch
 
