@@ -22,6 +22,7 @@ from ape.result import Result
 from ape.served import usage_since, usage_totals
 from ape.study import TrialStore, content_hash
 from ape.task import Task
+from ape.task_types import DEFAULT_TEST_EXAMPLES
 from ape.worker import LocalWorkers, shared_storage
 
 
@@ -45,7 +46,7 @@ def optimize(
     *,
     val_examples: int = 100,
     test_top: int = 3,
-    test_examples: int | None = None,
+    test_examples: int | None = DEFAULT_TEST_EXAMPLES,
     progress: bool = True,
     workers: int = 0,
     length_penalty: float = 0.0,
@@ -57,7 +58,8 @@ def optimize(
     The searcher's candidates are selected on the validation split; the `test_top` best are then
     scored once on the test split, next to the task with no instruction. `budget` caps scored
     (prompt, example) pairs plus generated tokens (None: the searcher's own schedule).
-    `test_examples` scores them on a seeded sample of that many test rows (default: all). With a
+    `test_examples` scores them on a seeded sample of that many test rows when the split is
+    larger (default 1,000; None: every row). With a
     persistent `storage` (e.g. ``"sqlite:///run.db"``), a run interrupted at any moment resumes
     from what it stored. With `workers` > 0, scoring goes to that many local worker processes
     sharing `storage` (a database URL; more can join from other machines, see ape/worker.py).
@@ -72,7 +74,8 @@ def optimize(
     served = usage_totals()  # what served models had used before this run
     _check_settings(workers, storage, evaluator, length_penalty, budget, test_top, val_examples)
     task = resolve_task(task_or_path, seed=seed)
-    task = task if test_examples is None else task.sample_test(test_examples, seed)
+    test_split_rows = len(task.test)
+    task = task.sample_test(test_examples, seed)
     own, options = split_options(evaluator, options)  # the evaluator's options, the searcher's
     scorer_options = evaluator_options(evaluator, task, **own)
     scorer = make_evaluator(evaluator, task, **scorer_options)
@@ -86,6 +89,7 @@ def optimize(
         task, lm, scorer, store, workers=pool, length_penalty=length_penalty, **settings
     )
     meta = _meta(objective, search, scorer, {**options, **own}, storage, budget)
+    meta["test_split_rows"] = test_split_rows
     metric = partial(_metric_objective, objective, storage) if metric_evidence else None
     try:
         result = _search(search, objective, meta, started, test_top, {"metric_objective": metric})

@@ -15,6 +15,7 @@ from ape.flags import SearcherFlags, help_focus
 from ape.models import DEFAULT_MODEL, ModelError
 from ape.prompt_sources import evaluated_prompts
 from ape.task import TaskError
+from ape.task_types import DEFAULT_TEST_EXAMPLES
 
 DEFAULT_RUNS = "ape-runs"
 DEFAULT_STORAGE = f"sqlite:///{DEFAULT_RUNS}/ape.db"
@@ -166,13 +167,16 @@ def _add_run_arguments(optimize: argparse.ArgumentParser) -> None:
     for flag, default, text in (
         ("--val-examples", 100, "validation examples the finalists are judged on (default: 100)"),
         ("--test-top", 3, "best candidates scored on the test split (default: 3)"),
-        (
-            "--test-examples",
-            None,
-            "score the finalists on a seeded sample of this many test rows (default: all)",
-        ),
     ):
         optimize.add_argument(flag, type=int, default=default, help=text)
+    optimize.add_argument(
+        "--test-examples",
+        type=rows_or_all,
+        default=DEFAULT_TEST_EXAMPLES,
+        metavar="N|all",
+        help="score the finalists on a seeded sample of this many rows of a larger test split, "
+        f"or 'all' (default: {DEFAULT_TEST_EXAMPLES})",
+    )
     optimize.add_argument("--top", type=int, default=10, help="leaderboard rows to print")
     optimize.add_argument(
         "--workers",
@@ -202,6 +206,16 @@ def _add_run_arguments(optimize: argparse.ArgumentParser) -> None:
         help="print what the searcher's schedule will spend and how long it should take on this "
         "machine, then exit without scoring",
     )
+
+
+def rows_or_all(text: str) -> int | None:
+    """--test-examples: a number of rows, or 'all' (None: every row)."""
+    if text.strip().lower() == "all":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a number of rows or 'all', not {text!r}") from None
 
 
 def _searcher_arguments(args: argparse.Namespace) -> dict:

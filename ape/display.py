@@ -38,12 +38,22 @@ def print_result(result: Result, top: int = 10) -> None:
     _print_best(result)
 
 
+def _test_rows(result: Result) -> str:
+    """' on N test rows', and where they are a sample, of how many."""
+    shown, total = result.test_examples, result.test_split_rows
+    if not shown:
+        return ""
+    if total and total > shown:
+        return f" on {shown} of {total} test rows (a seeded sample; --test-examples all: every row)"
+    return f" on {shown} test rows"
+
+
 def _print_best(result: Result) -> None:
     best, ref = result.best, result.reference
     print(f"\nbest prompt: {_describe(best)}")
     if best.label_words:
         print("label words: " + ", ".join(f"{k} → {v}" for k, v in best.label_words.items()))
-    sample = f" on {result.test_examples} test rows" if result.test_examples else ""
+    sample = _test_rows(result)
     print(
         f"test score: {fmt(best.test_score)}"
         + (f"   (no instruction: {fmt(ref.test_score)})" if ref is not None else "")

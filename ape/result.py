@@ -77,6 +77,7 @@ class Result:
     storage: str | None = None
     study: str = ""
     test_examples: int | None = None  # test rows the finalists were scored on
+    test_split_rows: int | None = None  # rows in the test split they were sampled from
     timings: dict[str, float] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=dict)
     # device, CPU, cores and torch threads the run was timed on (see ape.device.describe_machine)

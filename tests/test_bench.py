@@ -274,6 +274,12 @@ def test_toml_config_and_paths_relative_to_the_config_folder(tmp_path, monkeypat
 GOOD = {"tasks": ["antonyms"], "searchers": ["none"], "budget": 100}
 
 
+def test_test_examples_default_to_the_sample_and_all_means_every_row(tmp_path):
+    assert bench.load_config(_write_config(tmp_path / "a.json", **GOOD)).test_examples == 1000
+    every = _write_config(tmp_path / "b.json", **GOOD, test_examples="all")
+    assert bench.load_config(every).test_examples is None
+
+
 @pytest.mark.parametrize(
     ("settings", "expected"),
     [
@@ -281,6 +287,7 @@ GOOD = {"tasks": ["antonyms"], "searchers": ["none"], "budget": 100}
         ({**GOOD, "budget": 0}, "'budget' must be a positive integer, got 0"),
         ({**GOOD, "budget": "100"}, "'budget' must be a positive integer"),
         ({**GOOD, "budget": True}, "'budget' must be a positive integer"),
+        ({**GOOD, "test_examples": "x"}, "'test_examples' must be a positive integer or \"all\""),
         ({"searchers": ["none"], "budget": 100}, "missing key 'tasks'"),
         ({**GOOD, "tasks": []}, "'tasks' must be a non-empty list"),
         ({**GOOD, "seeds": [0, 0]}, "'seeds' lists a seed twice"),

@@ -195,9 +195,20 @@ def test_test_examples_scores_a_seeded_sample_of_the_test_split(
     args = ["optimize", str(task_file), "--model", str(tiny_model_dir), "--searcher", "none"]
     args += ["--storage", "memory", "--out", str(out), "--quiet", "--test-examples", "4"]
     assert main(args) == 0
-    assert "on 4 test rows" in capsys.readouterr().out
+    assert "on 4 of 10 test rows (a seeded sample" in capsys.readouterr().out
     data = json.loads(out.read_text())
-    assert data["test_examples"] == 4
+    assert (data["test_examples"], data["test_split_rows"]) == (4, 10)
+
+
+def test_test_examples_all_or_a_number(capsys, task_file, tiny_model_dir, tmp_path):
+    out = tmp_path / "result.json"
+    args = ["optimize", str(task_file), "--model", str(tiny_model_dir), "--searcher", "none"]
+    args += ["--storage", "memory", "--out", str(out), "--quiet", "--test-examples"]
+    assert main([*args, "all"]) == 0
+    assert "on 10 test rows\n" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main([*args, "most"])
+    assert "--test-examples: a number of rows or 'all', not 'most'" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------------- Ctrl-C

@@ -15,7 +15,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from conftest import SMALL_APE
+from conftest import SMALL_APE, write_task_file
 
 import ape
 import ape.api
@@ -23,6 +23,7 @@ from ape.objective import Candidate
 from ape.prompt import Prompt
 from ape.ranking import ranked
 from ape.result import Result
+from ape.task_types import DEFAULT_TEST_EXAMPLES
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -190,6 +191,18 @@ def test_test_examples_scores_the_finalists_on_a_seeded_sample(task_file, tiny_l
     assert result.best.test_score == pytest.approx(float(scores.mean()), abs=1e-6)
     with pytest.raises(ValueError, match="test_examples must be positive"):
         ape.optimize(task_file, model=tiny_lm, searcher="none", progress=False, test_examples=0)
+
+
+def test_a_large_test_split_is_sampled_by_default_and_all_keeps_every_row(tmp_path, tiny_lm):
+    words = [f"w{i}x" for i in range(DEFAULT_TEST_EXAMPLES + 30)]
+    write_task_file(tmp_path / "train.jsonl", words[:20])
+    write_task_file(tmp_path / "test.jsonl", words[20:])
+    sampled = ape.optimize(tmp_path, model=tiny_lm, searcher="none", progress=False)
+    assert (sampled.test_examples, sampled.test_split_rows) == (DEFAULT_TEST_EXAMPLES, 1010)
+    every = ape.optimize(
+        tmp_path, model=tiny_lm, searcher="none", progress=False, test_examples=None
+    )
+    assert (every.test_examples, every.test_split_rows) == (1010, 1010)
 
 
 # --------------------------------------------------------------------------------- the budget

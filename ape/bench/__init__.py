@@ -14,7 +14,7 @@ A config file, JSON (or TOML when it ends in ``.toml``), names the grid::
       "out": "results",                         # default: <config stem>-results beside the config
       "storage": "sqlite:///...",               # default: sqlite:///OUT/studies.db
       "val_examples": 100, "test_top": 3,       # as in optimize() (defaults shown)
-      "test_examples": 500,                     # as in optimize() (default: every test row)
+      "test_examples": 500,                     # as in optimize() (default 1000; "all": every row)
       "device": "cpu", "dtype": "float32"       # default: as load_model chooses
     }
 

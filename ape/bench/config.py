@@ -10,6 +10,7 @@ from typing import Any
 
 from ape.models import DEFAULT_MODEL
 from ape.options import SCALARS, options_of
+from ape.task_types import DEFAULT_TEST_EXAMPLES
 
 KEYS = (
     "tasks",
@@ -47,7 +48,8 @@ CONFIG is a JSON file (or TOML, *.toml) with the keys:
   model         default: smollm2-135m;  evaluator: default loglik
   out           output folder (default: <config name>-results beside the config)
   storage       Optuna storage URL (default: sqlite:///OUT/studies.db)
-  val_examples, test_top, test_examples, device, dtype: as for 'ape optimize'
+  val_examples, test_top, test_examples (a number or "all"), device, dtype: as for
+                'ape optimize'
 
 Writes OUT/runs/TASK-SEARCHER-seedSEED.json (one result per run), OUT/summary.md,
 OUT/summary.json and OUT/plots/TASK.png (plots need matplotlib: the 'plot'
@@ -81,7 +83,7 @@ class BenchConfig:
     evaluator: str = "loglik"
     val_examples: int = 100
     test_top: int = 3
-    test_examples: int | None = None
+    test_examples: int | None = DEFAULT_TEST_EXAMPLES  # None: every test row
     device: str | None = None
     dtype: str | None = None
 
@@ -150,8 +152,12 @@ def _settings(raw: dict[str, Any], fail) -> dict[str, Any]:
     for key in COUNTS:
         if key in raw:
             value = raw[key]
+            if key == "test_examples" and value == "all":
+                settings[key] = None
+                continue
             if not _is_int(value) or value < 1:
-                raise fail(key, f"must be a positive integer, got {value!r}")
+                also = ' or "all"' if key == "test_examples" else ""
+                raise fail(key, f"must be a positive integer{also}, got {value!r}")
             settings[key] = value
     for key in STRINGS:
         if key in raw:
