@@ -8,8 +8,8 @@ Usage:
 
 Soft rows (prompt tuning, prefix tuning, P-tuning) are `run_soft.py` runs replayed under the
 default acceptance rule (replay_acceptance.py), with the given words from `--given-soft` and with
-`--option label_words='"search"'` from `--searched-soft` (default: soft-words and soft-words-b,
-two processes' folders, each with its own study storage). Manual-prompt and no-prompt rows are
+`--option label_words='"search"'` from `--searched-soft` (default: soft-words and soft-words-b
+to -d, the folders of processes run side by side, each with its own study storage). Manual-prompt and no-prompt rows are
 `run_label_words.py` runs (`--prompt manual` / `--prompt none`): the given words and the default
 word search (train+dev, all sources, acceptance test), uncalibrated as `choice` scores by default.
 Seconds: training (word search included) for soft rows, the word search for fixed prompts.
@@ -123,7 +123,7 @@ def main() -> None:
         "--searched-soft",
         nargs="+",
         type=Path,
-        default=[RESULTS / "soft-words", RESULTS / "soft-words-b"],
+        default=[RESULTS / f"soft-words{tail}" for tail in ("", "-b", "-c", "-d")],
     )
     parser.add_argument("--manual", type=Path, default=RESULTS / "label_words")
     parser.add_argument("--none", type=Path, default=RESULTS / "label_words-none")
