@@ -27,7 +27,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ape.search.acceptance import ACCEPT_P, label_entropy, passes  # noqa: E402
-from run import DATASETS, load  # noqa: E402
+from run import DATASETS, load, mean_std  # noqa: E402
 from run_soft import MODES  # noqa: E402
 
 # name: (sign-test level, whether a loss below the labels' entropy also counts); level 0: never
@@ -141,8 +141,7 @@ def default_table(runs: dict[tuple, dict], fixed: dict[str, dict]) -> str:
             ]
             known = [v for v, _ in pairs if v is not None]
             below += sum(v < start for v, start in pairs if v is not None)
-            spread = f" ± {np.std(known, ddof=1):.3f}" if len(known) > 1 else ""
-            cells.append(f"{np.mean(known):.3f}{spread}" if known else "–")
+            cells.append(mean_std(known))
             means[mode].append(float(np.mean(known)) if known else float("nan"))
         manual, none = fixed[dataset]["manual_test"], fixed[dataset]["none_test"]
         means["manual"].append(manual)

@@ -49,6 +49,14 @@ MANUAL = {
 }
 
 
+def mean_std(values: list[float]) -> str:
+    """'mean ± sample std' to 3 decimals (the mean alone for one value, '–' for none)."""
+    if not values:
+        return "–"
+    spread = f" ± {np.std(values, ddof=1):.3f}" if len(values) > 1 else ""
+    return f"{np.mean(values):.3f}{spread}"
+
+
 def load(dataset: str, seed: int, test_rows: int) -> ape.Task:
     """The dataset's labels and verbalizers, the seed's train/dev, a fixed test subsample."""
     task = ape.load_task(DATA / dataset)

@@ -52,7 +52,7 @@ from ape.search.label_words import (  # noqa: E402
     search_label_words,
     word_matrix,
 )
-from run import DATASETS, MANUAL, REPO, load  # noqa: E402  (the soft-prompt benchmark's data)
+from run import DATASETS, MANUAL, REPO, load, mean_std  # noqa: E402  (the soft-prompt benchmark's data)
 
 import ape  # noqa: E402
 from ape.device import describe_machine, machine_line  # noqa: E402
@@ -289,12 +289,6 @@ def test_dataset(dataset: str, records: list[dict[str, Any]], lm, args, out: Pat
         record["test_scoring_s"] = round(tests.seconds, 1)
         path = out / "runs" / f"{dataset}-seed{record['seed']}.json"
         path.write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n")
-
-
-def mean_std(values: list[float]) -> str:
-    if len(values) < 2:
-        return f"{values[0]:.3f}" if values else "-"
-    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
 
 
 def test_of(run: dict[str, Any], scoring: str, variant: str) -> float:

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run import DATASETS, MANUAL, REPO, SEEDS, TUNED_ON, load  # noqa: E402
+from run import DATASETS, MANUAL, REPO, SEEDS, TUNED_ON, load, mean_std  # noqa: E402
 
 import ape  # noqa: E402
 from ape.device import describe_machine, machine_line  # noqa: E402
@@ -102,13 +102,6 @@ def run_fixed(dataset: str, lm, args, out: Path) -> dict[str, Any]:
     summary = {"dataset": dataset, "manual_test": manual, "none_test": none}
     path.write_text(json.dumps(summary, indent=2) + "\n")
     return summary
-
-
-def mean_std(values: list[float]) -> str:
-    if not values:
-        return "–"
-    spread = f" ± {np.std(values, ddof=1):.3f}" if len(values) > 1 else ""
-    return f"{np.mean(values):.3f}{spread}"
 
 
 def table(rows: list[dict], fixed: dict[str, dict], datasets: list[str], modes: list[str]) -> str:

@@ -9,9 +9,10 @@ Usage:
 Soft rows (prompt tuning, prefix tuning, P-tuning) are `run_soft.py` runs replayed under the
 default acceptance rule (replay_acceptance.py), with the given words from `--given-soft` and with
 `--option label_words='"search"'` from `--searched-soft` (default: soft-words and soft-words-b
-to -d, the folders of processes run side by side, each with its own study storage). Manual-prompt and no-prompt rows are
-`run_label_words.py` runs (`--prompt manual` / `--prompt none`): the given words and the default
-word search (train+dev, all sources, acceptance test), uncalibrated as `choice` scores by default.
+to -d, the folders of processes run side by side, each with its own study storage). Manual-prompt
+and no-prompt rows are `run_label_words.py` runs (`--prompt manual` / `--prompt none`): the given
+words and the default word search (train+dev, all sources, acceptance test), uncalibrated as
+`choice` scores by default.
 Seconds: training (word search included) for soft rows, the word search for fixed prompts.
 """
 
@@ -26,8 +27,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from replay_acceptance import RULES, collect, outcome  # noqa: E402
-from run import DATASETS  # noqa: E402
-from run_label_words import DEFAULT_VARIANT, mean_std, test_of  # noqa: E402
+from run import DATASETS, mean_std  # noqa: E402
+from run_label_words import DEFAULT_VARIANT, test_of  # noqa: E402
 from run_soft import MODES  # noqa: E402
 
 RESULTS = Path("benchmarks/results/classification")
