@@ -58,24 +58,22 @@ def optimize(
     The searcher's candidates are selected on the validation split; the `test_top` best are then
     scored once on the test split, next to the task with no instruction. `budget` caps scored
     (prompt, example) pairs plus generated tokens (None: the searcher's own schedule).
-    `test_examples` scores them on a seeded sample of that many test rows when the split is
-    larger (default 1,000; None: every row). With a
-    persistent `storage` (e.g. ``"sqlite:///run.db"``), a run interrupted at any moment resumes
-    from what it stored. With `workers` > 0, scoring goes to that many local worker processes
-    sharing `storage` (a database URL; more can join from other machines, see ape/worker.py).
-    `length_penalty` lowers each validation mean by that much per prompt token (ties always go
-    to the shorter prompt). `Result.evidence` compares the best prompt with each baseline on
-    test, and with `metric_evidence` also under the task's metric by greedy generation.
-    `searcher` and `evaluator` are names or instances; `options` configure them (a named
-    evaluator's own, e.g. ``calibrate=True``, go to it); ``label_words="search"`` has whole, ape
-    or tpe search a classification task's answer words too.
+    `test_examples` scores them on a seeded sample of that many rows of a larger test split
+    (None: every row). With a persistent `storage` (e.g. ``"sqlite:///run.db"``), a run
+    interrupted at any moment resumes from what it stored. With `workers` > 0, scoring goes to
+    that many local worker processes sharing `storage` (a database URL; more can join from other
+    machines, see ape/worker.py). `length_penalty` lowers each validation mean by that much per
+    prompt token (ties always go to the shorter prompt). `Result.evidence` compares the best
+    prompt with each baseline on test, and with `metric_evidence` also under the task's metric
+    by greedy generation. `searcher` and `evaluator` are names or instances; `options` configure
+    them (a named evaluator's own, e.g. ``calibrate=True``, go to it); ``label_words="search"``
+    has whole, ape or tpe search a classification task's answer words too.
     """
     started = time.perf_counter()
     served = usage_totals()  # what served models had used before this run
     _check_settings(workers, storage, evaluator, length_penalty, budget, test_top, val_examples)
-    task = resolve_task(task_or_path, seed=seed)
-    test_split_rows = len(task.test)
-    task = task.sample_test(test_examples, seed)
+    whole = resolve_task(task_or_path, seed=seed)
+    task = whole.sample_test(test_examples, seed)
     own, options = split_options(evaluator, options)  # the evaluator's options, the searcher's
     scorer_options = evaluator_options(evaluator, task, **own)
     scorer = make_evaluator(evaluator, task, **scorer_options)
@@ -88,8 +86,7 @@ def optimize(
     objective = Objective(
         task, lm, scorer, store, workers=pool, length_penalty=length_penalty, **settings
     )
-    meta = _meta(objective, search, scorer, {**options, **own}, storage, budget)
-    meta["test_split_rows"] = test_split_rows
+    meta = _meta(objective, search, scorer, {**options, **own}, storage, budget, whole)
     metric = partial(_metric_objective, objective, storage) if metric_evidence else None
     try:
         result = _search(search, objective, meta, started, test_top, {"metric_objective": metric})
@@ -137,8 +134,10 @@ def _searcher(searcher: str | Any, options: dict[str, Any]):
     return searcher
 
 
-def _meta(objective: Objective, search, scorer, options, storage, budget) -> dict[str, Any]:
-    """What a result records about how it was made."""
+def _meta(
+    objective: Objective, search, scorer, options, storage, budget, whole: Task
+) -> dict[str, Any]:
+    """What a result records about how it was made (`whole`: the task before its test sample)."""
     return {
         "budget": budget,
         "task": objective.task.name,
@@ -150,6 +149,7 @@ def _meta(objective: Objective, search, scorer, options, storage, budget) -> dic
         "study": objective.store.study_name,
         "seed": objective.seed,
         "test_examples": len(objective.task.test),
+        "test_split_rows": len(whole.test),
         "versions": _versions(),
     }
 
