@@ -7,7 +7,8 @@ call goes through ape/kv_cache.py. The steps:
 1. The shared prefix of each group runs once, all prefixes packed into as few sequences as
    possible; its KV is then laid under every pack of the group.
 2. Suffixes run packed side by side; only the scored positions are projected to the vocabulary.
-3. Batches are capped by a token budget that halves on out-of-memory instead of crashing.
+3. Packs are batched widest first, among packs of about their width (little padding), and
+   batches are capped by a token budget that halves on out-of-memory instead of crashing.
 
 A soft prompt's KV is computed once per call (a key/value prefix is that KV already) and every
 prefix and suffix attends to it.
