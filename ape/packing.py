@@ -124,16 +124,13 @@ def group_rows(rows: list[Row]) -> list[Group]:
 
 
 def prefix_packs(groups: list[Group]) -> list[Pack]:
-    """One pack per group with a shared prefix, holding that prefix alone, longest first.
-
-    Each prefix is its own group, so packing would not merge them: sorting only cuts padding.
-    """
-    todo = [
+    """One pack per group with a shared prefix, holding that prefix alone (each prefix is its own
+    group, so packing would not merge them; `batched` orders them by width)."""
+    return [
         Pack([Row(g.rows[0].tokens[: g.prefix_len], 0)], 0, k)
         for k, g in enumerate(groups)
         if g.prefix_len
     ]
-    return sorted(todo, key=lambda p: p.size, reverse=True)
 
 
 def suffix_packs(groups: list[Group], pack_tokens: int) -> list[Pack]:
