@@ -118,12 +118,27 @@ def _converted(gguf: Path, cache_key: str) -> Path:
         plain.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         (tmp / "ape-source.json").write_text(json.dumps({"gguf": str(gguf)}) + "\n")
-        if target.exists():  # a half-written directory from an interrupted conversion
-            shutil.rmtree(target)
-        os.replace(tmp, target)
+        _publish(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def _publish(converted: Path, target: Path) -> None:
+    """Move a finished conversion to `target`, unless another process finished one first.
+
+    Two processes may convert at once (workers started side by side); the one that finishes
+    second must not delete the directory the first is already loading from.
+    """
+    if (target / "ape-source.json").is_file():
+        return
+    if target.exists():  # a half-written directory from an interrupted conversion
+        shutil.rmtree(target)
+    try:
+        os.replace(converted, target)
+    except OSError:
+        if not (target / "ape-source.json").is_file():  # not a lost race: a real failure
+            raise
 
 
 def _load_hf(source: str | Path, dtype: torch.dtype, from_hub: bool):

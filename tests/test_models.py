@@ -10,6 +10,7 @@ import importlib.machinery
 import importlib.util
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -320,3 +321,32 @@ def test_gguf_conversion_into_a_fresh_cache_is_atomic_and_done_once(
     assert list(models.iterdir()) == [target]
     assert (target / "ape-source.json").is_file()
     assert not (target / "junk").exists()
+
+
+def test_a_conversion_finished_second_keeps_the_one_finished_first(
+    tokenizer, tmp_path, monkeypatch
+):
+    # Two processes converting at once: the later must not delete what the earlier one loads.
+    source = tmp_path / "tiny.gguf"
+    write_tiny_gguf(source, tokenizer)
+    monkeypatch.setenv("APE_CACHE", str(tmp_path / "first"))
+    load_model(str(source), device="cpu")
+    [finished] = list((tmp_path / "first" / "models").iterdir())
+    (finished / "other-process").write_text("converted first\n")
+
+    models = tmp_path / "second" / "models"
+    monkeypatch.setenv("APE_CACHE", str(tmp_path / "second"))
+    save = transformers.PreTrainedModel.save_pretrained
+
+    def save_while_another_finishes(self, *args, **kwargs):
+        save(self, *args, **kwargs)
+        if not (models / finished.name).exists():
+            shutil.copytree(finished, models / finished.name)
+
+    monkeypatch.setattr(
+        transformers.PreTrainedModel, "save_pretrained", save_while_another_finishes
+    )
+    lm = load_model(str(source), device="cpu")
+    assert [p.name for p in models.iterdir()] == [finished.name]  # no temporary leftovers
+    assert (models / finished.name / "other-process").is_file()
+    assert np.isfinite(lm.loglikelihood([("the cat", " and the hat")])).all()
