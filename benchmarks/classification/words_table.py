@@ -9,7 +9,7 @@ Usage:
 Soft rows (prompt tuning, prefix tuning, P-tuning) are `run_soft.py` runs replayed under the
 default acceptance rule (replay_acceptance.py), with the given words from `--given-soft` and with
 `--option label_words='"search"'` from `--searched-soft` (default: soft-words and soft-words-b
-to -d, the folders of processes run side by side, each with its own study storage). Manual-prompt
+to -f, the folders of processes run side by side, each with its own study storage). Manual-prompt
 and no-prompt rows are `run_label_words.py` runs (`--prompt manual` / `--prompt none`): the given
 words and the default word search (train+dev, all sources, acceptance test), uncalibrated as
 `choice` scores by default.
@@ -124,7 +124,7 @@ def main() -> None:
         "--searched-soft",
         nargs="+",
         type=Path,
-        default=[RESULTS / f"soft-words{tail}" for tail in ("", "-b", "-c", "-d")],
+        default=[RESULTS / f"soft-words{tail}" for tail in ("", "-b", "-c", "-d", "-e", "-f")],
     )
     parser.add_argument("--manual", type=Path, default=RESULTS / "label_words")
     parser.add_argument("--none", type=Path, default=RESULTS / "label_words-none")
