@@ -232,10 +232,13 @@ class PackedScorer:
         out, _ = self.run(packed, cache, keep_cache=False)
         hidden = out.last_hidden_state  # [packs, width, d_model]
         device = hidden.device
-        selected = hidden[packed.read_pack.to(device), packed.read_offset.to(device)]
-        logprobs = self.project(selected).log_softmax(-1)  # [n_reads, vocab]
-        targets = packed.read_target.to(device)
-        picked = logprobs[torch.arange(len(targets), device=device), targets]
+        # Each scored position is projected once, however many reads it has (several label
+        # words, duplicate requests): less head compute, and equal requests get equal scores.
+        flat = packed.read_pack.to(device) * hidden.shape[1] + packed.read_offset.to(device)
+        positions, which = torch.unique(flat, return_inverse=True)
+        selected = hidden.reshape(-1, hidden.shape[-1])[positions]
+        logprobs = self.project(selected).log_softmax(-1)  # [n_positions, vocab]
+        picked = logprobs[which, packed.read_target.to(device)]
         owner = torch.from_numpy(packed.read_owner).to(device)
         reads.append((owner, picked.double()))
 

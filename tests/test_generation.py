@@ -122,29 +122,53 @@ def test_sampler_rows_do_not_depend_on_their_neighbours():
     assert together.tolist() == alone
 
 
-def naive_sample(lm, prompt_ids, u_row, sampling) -> list[int]:
-    """The reference sampler: the whole sequence recomputed each step, one row, no cache."""
-    ids, out = list(prompt_ids), []
-    for t in range(sampling.max_new_tokens):
-        logits = lm.model(torch.tensor([ids])).logits[:, -1].float()
-        u = torch.tensor([u_row[t]])
-        token = int(sg.choose(logits, u, sampling.temperature, sampling.top_p))
-        if token in sampling.eos:
+# How far a draw may be from a boundary of the inverse CDF for float rounding to move it across:
+# batched and unbatched logits differ in the last bits, and on some CPUs (AVX-512 ones) that flips
+# a token of the tiny model, whose distribution is nearly flat (~2e-5 per token). The draws are
+# compared without a nucleus (top_p 1): sorting near-equal probabilities is itself rounding-
+# sensitive; the nucleus is checked against transformers' warpers above.
+ROUNDING = 1e-5
+
+
+def naive_check(lm, prompt_ids, sample, u_row, sampling) -> int:
+    """Replay `sample` with the reference sampler (the whole sequence recomputed each step, one
+    row, no cache); each token must be its pick at the same draw, or at a draw within ROUNDING
+    of it (a rounding tie). Returns how many tokens were such ties."""
+    ids, ties = list(prompt_ids), 0
+    for t in range(len(sample) + 1):
+        if t == sampling.max_new_tokens:
             break
-        out.append(token)
-        ids.append(token)
-    return out
+        logits = lm.model(torch.tensor([ids])).logits[:, -1].float()
+        token = sample[t] if t < len(sample) else None  # None: the sample ended with EOS here
+
+        draws = [u_row[t], max(u_row[t] - ROUNDING, 0.0), min(u_row[t] + ROUNDING, 1 - 1e-9)]
+        picks = [
+            int(pick)
+            for pick in sg.choose(
+                logits.expand(3, -1), torch.tensor(draws), sampling.temperature, sampling.top_p
+            )
+        ]
+        allowed = sampling.eos if token is None else {token}
+        assert allowed & set(picks), (t, token, picks)
+        ties += picks[0] not in allowed
+        if token is not None:
+            ids.append(token)
+    return ties
 
 
 def test_sampling_matches_a_naive_sampler_with_the_same_draws(tiny_lm, single_thread):
-    sampling = greedy(tiny_lm, 8, temperature=0.8, top_p=0.95, seed=11)
+    sampling = greedy(tiny_lm, 8, temperature=0.8, top_p=1.0, seed=11)
     prompts = PROMPTS[:4]
     got = ours(tiny_lm, prompts, sampling, n=3, batch_rows=5)
     tokens = hf_generate.tokenize(tiny_lm.tokenizer, prompts)
+    ties = 0
     with torch.inference_mode():
         for i, samples in enumerate(got):
             u = sg.uniforms([(i, j) for j in range(3)], sampling)
-            assert samples == [naive_sample(tiny_lm, tokens[i], u[j], sampling) for j in range(3)]
+            ties += sum(
+                naive_check(tiny_lm, tokens[i], samples[j], u[j], sampling) for j in range(3)
+            )
+    assert ties <= 3, f"{ties} draws on a rounding tie: more than rounding explains"
     assert len({tuple(s) for s in got[0]}) > 1, "samples of one prompt differ"
 
 
