@@ -151,7 +151,7 @@ def rows_of(lm: HFLanguageModel, pairs):
 
 
 # ---------------------------------------------------------------- padding, packing, batching
-SETTINGS = [(16, 32), (1, 1), (64, 200), (256, 4096), (100_000, 10_000_000)]
+SETTINGS = [(16, 32), (1, 1), (64, 200), (128, 2048), (256, 4096), (100_000, 10_000_000)]
 
 
 @pytest.mark.parametrize(("pack_tokens", "max_batch_tokens"), SETTINGS)
