@@ -100,7 +100,14 @@ def token_stats(lm: HFLanguageModel, requests: Sequence[Request]) -> dict[str, f
 
 
 def ape_scorer(lm: HFLanguageModel) -> Scorer:
-    return lambda requests: np.asarray(lm.loglikelihood(requests), dtype=np.float64)
+    def score(requests: Sequence[Request]) -> np.ndarray:
+        # Every repeat starts cold: prefixes kept from the previous repeat would be free here,
+        # which one pass over a workload never gets.
+        if lm.scorer.prefix_cache is not None:
+            lm.scorer.prefix_cache.clear()
+        return np.asarray(lm.loglikelihood(requests), dtype=np.float64)
+
+    return score
 
 
 def naive_scorer(lm: HFLanguageModel) -> Scorer:
