@@ -92,8 +92,8 @@ class HFLanguageModel:
         """`max_batch_tokens` / `pack_tokens` (None: by device, see `batch_budgets`);
         `prefix_cache_bytes` caps the cross-call cache of prefix KV states (ape/prefix_cache.py;
         None: $APE_PREFIX_CACHE_MB, else 256 MB; 0: off)."""
-        batch_default, pack_default = batch_budgets(next(model.parameters()).device)
         self.model = model
+        batch_default, pack_default = batch_budgets(self.device)
         self.tokenizer = tokenizer
         self.name = name
         if tokenizer.pad_token_id is None:
