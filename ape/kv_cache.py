@@ -20,6 +20,11 @@ from collections.abc import Sequence
 import torch
 from transformers import DynamicCache
 
+try:  # per-layer cache objects (transformers >= 4.56); before them, caches only concatenate
+    from transformers.cache_utils import Cache, DynamicLayer
+except ImportError:  # pragma: no cover - older transformers
+    Cache = DynamicLayer = None
+
 # Per layer, the (keys, values) of a prefix: [batch, heads, tokens, head_dim] each.
 LayerStates = list[tuple[torch.Tensor, torch.Tensor]]
 # (layers, kv_heads, head_dim): the shape of a model's cache, and so of a key/value prefix.
@@ -76,8 +81,11 @@ def expanded_cache(config, state: LayerStates, batch: int) -> DynamicCache:
     )
 
 
-def padded_cache(config, states: Sequence[LayerStates | None], width: int) -> DynamicCache:
-    """A cache holding one prefix state per batch row, left-aligned and zero-padded to `width`.
+def padded_cache(
+    config, states: Sequence[LayerStates | None], width: int, room: int = 0
+) -> DynamicCache:
+    """A cache holding one prefix state per batch row, left-aligned and zero-padded to `width`,
+    with `room` more tokens reserved (see `reserved_cache`).
 
     A row without a prefix (None) gets `width` zero slots. The caller's attention mask must hide
     the padded slots: their zeros are never to be attended to.
@@ -92,7 +100,67 @@ def padded_cache(config, states: Sequence[LayerStates | None], width: int) -> Dy
             keys.append(torch.nn.functional.pad(k, pad))
             values.append(torch.nn.functional.pad(v, pad))
         layers.append((torch.cat(keys), torch.cat(values)))
-    return build_cache(config, layers)
+    return reserved_cache(config, layers, room) if room else build_cache(config, layers)
+
+
+def reserved_cache(config, states: LayerStates, room: int) -> DynamicCache:
+    """A cache holding `states` with room for `room` more tokens per row, written in place.
+
+    A decoding loop's DynamicCache concatenates every step, copying the whole KV once per token
+    (a quarter of the time of decoding long prompts on a CPU, and the allocator churn behind
+    its peak memory). Transformers without per-layer cache objects get a DynamicCache.
+    """
+    if Cache is None or DynamicLayer is None:
+        return build_cache(config, states)
+    return Cache(layers=[ReservedLayer(k, v, room) for k, v in states])
+
+
+if DynamicLayer is not None:
+
+    class ReservedLayer(DynamicLayer):
+        """A DynamicLayer whose keys and values sit at the start of a longer buffer: an update
+        that fits writes into it in place; one that does not grows by concatenation."""
+
+        def __init__(self, keys: torch.Tensor, values: torch.Tensor, room: int):
+            super().__init__()
+            rows, heads, length, dim = keys.shape
+            self.key_buffer = keys.new_empty(rows, heads, length + room, dim)
+            self.value_buffer = values.new_empty(rows, heads, length + room, values.shape[3])
+            self.key_buffer[:, :, :length] = keys
+            self.value_buffer[:, :, :length] = values
+            self.keys = self.key_buffer[:, :, :length]
+            self.values = self.value_buffer[:, :, :length]
+            self.device = keys.device
+            self.is_initialized = True
+
+        @property
+        def room(self) -> int:
+            """Tokens an update can still write in place (0 once it has concatenated)."""
+            if self.keys.data_ptr() != self.key_buffer.data_ptr():
+                return 0
+            return self.key_buffer.shape[2] - self.keys.shape[2]
+
+        def keep(self, rows: torch.Tensor) -> None:
+            """Keep the batch rows `rows` (increasing), moved up to the front of the buffer."""
+            length = self.keys.shape[2]
+            keys, values = self.keys.index_select(0, rows), self.values.index_select(0, rows)
+            self.key_buffer = self.key_buffer[: len(rows)]
+            self.value_buffer = self.value_buffer[: len(rows)]
+            self.key_buffer[:, :, :length] = keys
+            self.value_buffer[:, :, :length] = values
+            self.keys = self.key_buffer[:, :, :length]
+            self.values = self.value_buffer[:, :, :length]
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            start = self.keys.shape[2]
+            end = start + key_states.shape[2]
+            if end - start > self.room:
+                return super().update(key_states, value_states, *args, **kwargs)
+            self.key_buffer[:, :, start:end] = key_states
+            self.value_buffer[:, :, start:end] = value_states
+            self.keys = self.key_buffer[:, :, :end]
+            self.values = self.value_buffer[:, :, :end]
+            return self.keys, self.values
 
 
 @functools.cache
@@ -101,11 +169,37 @@ def _takes_config() -> bool:
     return "config" in inspect.signature(DynamicCache.__init__).parameters
 
 
-def select_rows(config, cache, rows: torch.Tensor) -> DynamicCache:
-    """A cache holding the batch rows `rows` of `cache`, in that order (repeats allowed)."""
+def select_rows(config, cache, rows: torch.Tensor, room: int | None = None) -> DynamicCache:
+    """A cache holding the batch rows `rows` of `cache`, in that order (repeats allowed), with
+    `room` more tokens reserved (None: the room `cache` has left)."""
+    if room is None and reserved_room(cache) and increasing(rows, cache.layers[0].keys.shape[0]):
+        for layer in cache.layers:  # finished rows leave: the rest move up, in place
+            layer.keep(rows)
+        return cache
+    room = reserved_room(cache) if room is None else room
+    if room and DynamicLayer is not None:  # one layer at a time: no second copy of the whole KV
+        return Cache(
+            layers=[
+                ReservedLayer(k.index_select(0, rows), v.index_select(0, rows), room)
+                for k, v in layer_states(cache)
+            ]
+        )
     return build_cache(
         config, [(k.index_select(0, rows), v.index_select(0, rows)) for k, v in layer_states(cache)]
     )
+
+
+def increasing(rows: torch.Tensor, batch: int) -> bool:
+    """Whether `rows` are distinct rows of a batch of `batch`, in order."""
+    return bool(len(rows) <= batch and (len(rows) < 2 or (rows[1:] > rows[:-1]).all()))
+
+
+def reserved_room(cache) -> int:
+    """How many more tokens `cache` can take in place (0: it grows by concatenation)."""
+    layers = getattr(cache, "layers", None)
+    if not layers or DynamicLayer is None or not isinstance(layers[0], ReservedLayer):
+        return 0
+    return layers[0].room
 
 
 def kv_shape(model: torch.nn.Module) -> KVShape:

@@ -234,10 +234,11 @@ class Decoding:
     logits: torch.Tensor  # [rows, vocab] fp32: each row's next-token logits
     rows: torch.Tensor  # [rows] each live row's index in the batch's row list
 
-    def select(self, model, keep: torch.Tensor) -> Decoding:
-        """The rows at `keep` (indices into the live rows, repeats allowed)."""
+    def select(self, model, keep: torch.Tensor, room: int | None = None) -> Decoding:
+        """The rows at `keep` (indices into the live rows, repeats allowed), with room in the
+        cache for `room` more tokens (None: what it has left)."""
         return Decoding(
-            kv_cache.select_rows(model.config, self.cache, keep),
+            kv_cache.select_rows(model.config, self.cache, keep, room),
             self.valid[keep],
             self.position[keep],
             self.logits[keep],
@@ -245,8 +246,11 @@ class Decoding:
         )
 
 
-def prefill(model, jobs: list[Job], states: dict[int, LayerStates], pad_id: int) -> Decoding:
-    """Run each job's prompt suffix once, after its group's prefix state; one row per job."""
+def prefill(
+    model, jobs: list[Job], states: dict[int, LayerStates], pad_id: int, room: int
+) -> Decoding:
+    """Run each job's prompt suffix once, after its group's prefix state; one row per job, then
+    one per sample, with cache room for `room` new tokens."""
     device = next(model.parameters()).device
     width_p = max(job.prefix_len for job in jobs)
     suffixes = [job.tokens[job.prefix_len :] for job in jobs]
@@ -267,7 +271,7 @@ def prefill(model, jobs: list[Job], states: dict[int, LayerStates], pad_id: int)
     cache = None
     if width_p:
         prefixes = [states[job.group] if job.prefix_len else None for job in jobs]
-        cache = kv_cache.padded_cache(model.config, prefixes, width_p)
+        cache = kv_cache.padded_cache(model.config, prefixes, width_p, room=width_s + room)
     out, cache = kv_cache.run(
         model.base_model,
         cache=cache,
@@ -285,7 +289,9 @@ def prefill(model, jobs: list[Job], states: dict[int, LayerStates], pad_id: int)
     )
     # Each prompt's KV, repeated over its rows (its samples); rows are numbered afresh.
     per_row = torch.tensor([p for p, job in enumerate(jobs) for _ in job.rows], device=device)
-    state = one_row.select(model, per_row)
+    if len(per_row) == len(jobs) and kv_cache.reserved_room(cache):  # one row per job: as it is
+        return one_row
+    state = one_row.select(model, per_row, room)
     state.rows = torch.arange(len(per_row), device=device)
     return state
 
@@ -369,7 +375,7 @@ def generate_tokens(
             share_prefixes(model, jobs, states)
             rows = [row for job in jobs for row in job.rows]
             u = None if sampling.greedy else torch.from_numpy(uniforms(rows, sampling)).to(device)
-            state = prefill(model, jobs, states, tokenizer.pad_token_id)
+            state = prefill(model, jobs, states, tokenizer.pad_token_id, sampling.max_new_tokens)
             new_tokens = decode(model, tokenizer, state, sampling, u)
             for (i, j), tokens in zip(rows, new_tokens, strict=True):
                 result[i][j] = tokens
