@@ -91,16 +91,20 @@ def padded_cache(
     the padded slots: their zeros are never to be attended to.
     """
     some = next(s for s in states if s)
+    room = room if DynamicLayer is not None else 0
     layers = []
-    for layer, (k0, _) in enumerate(some):
-        keys, values = [], []
-        for state in states:
-            k, v = state[layer] if state else (k0[:, :, :0], k0[:, :, :0])
-            pad = (0, 0, 0, width - k.shape[2])
-            keys.append(torch.nn.functional.pad(k, pad))
-            values.append(torch.nn.functional.pad(v, pad))
-        layers.append((torch.cat(keys), torch.cat(values)))
-    return reserved_cache(config, layers, room) if room else build_cache(config, layers)
+    for layer, (k0, v0) in enumerate(some):
+        keys = k0.new_zeros(len(states), k0.shape[1], width + room, k0.shape[3])
+        values = v0.new_zeros(len(states), v0.shape[1], width + room, v0.shape[3])
+        for b, state in enumerate(states):
+            if state:
+                k, v = state[layer]
+                keys[b, :, : k.shape[2]] = k[0]
+                values[b, :, : v.shape[2]] = v[0]
+        layers.append((keys, values))
+    if room:
+        return Cache(layers=[ReservedLayer(k, v, width) for k, v in layers])
+    return build_cache(config, layers)
 
 
 def reserved_cache(config, states: LayerStates, room: int) -> DynamicCache:
@@ -110,9 +114,9 @@ def reserved_cache(config, states: LayerStates, room: int) -> DynamicCache:
     (a quarter of the time of decoding long prompts on a CPU, and the allocator churn behind
     its peak memory). Transformers without per-layer cache objects get a DynamicCache.
     """
-    if Cache is None or DynamicLayer is None:
+    if DynamicLayer is None:
         return build_cache(config, states)
-    return Cache(layers=[ReservedLayer(k, v, room) for k, v in states])
+    return Cache(layers=[ReservedLayer.holding(k, v, room) for k, v in states])
 
 
 if DynamicLayer is not None:
@@ -121,17 +125,24 @@ if DynamicLayer is not None:
         """A DynamicLayer whose keys and values sit at the start of a longer buffer: an update
         that fits writes into it in place; one that does not grows by concatenation."""
 
-        def __init__(self, keys: torch.Tensor, values: torch.Tensor, room: int):
+        def __init__(self, key_buffer: torch.Tensor, value_buffer: torch.Tensor, length: int):
+            """Buffers of [rows, heads, capacity, dim] whose first `length` slots are filled."""
             super().__init__()
-            rows, heads, length, dim = keys.shape
-            self.key_buffer = keys.new_empty(rows, heads, length + room, dim)
-            self.value_buffer = values.new_empty(rows, heads, length + room, values.shape[3])
-            self.key_buffer[:, :, :length] = keys
-            self.value_buffer[:, :, :length] = values
-            self.keys = self.key_buffer[:, :, :length]
-            self.values = self.value_buffer[:, :, :length]
-            self.device = keys.device
+            self.key_buffer, self.value_buffer = key_buffer, value_buffer
+            self.keys = key_buffer[:, :, :length]
+            self.values = value_buffer[:, :, :length]
+            self.device = key_buffer.device
             self.is_initialized = True
+
+        @classmethod
+        def holding(cls, keys: torch.Tensor, values: torch.Tensor, room: int) -> ReservedLayer:
+            """A layer holding copies of `keys` and `values`, with room for `room` more slots."""
+            rows, heads, length, dim = keys.shape
+            key_buffer = keys.new_empty(rows, heads, length + room, dim)
+            value_buffer = values.new_empty(rows, heads, length + room, values.shape[3])
+            key_buffer[:, :, :length] = keys
+            value_buffer[:, :, :length] = values
+            return cls(key_buffer, value_buffer, length)
 
         @property
         def room(self) -> int:
@@ -180,7 +191,7 @@ def select_rows(config, cache, rows: torch.Tensor, room: int | None = None) -> D
     if room and DynamicLayer is not None:  # one layer at a time: no second copy of the whole KV
         return Cache(
             layers=[
-                ReservedLayer(k.index_select(0, rows), v.index_select(0, rows), room)
+                ReservedLayer.holding(k.index_select(0, rows), v.index_select(0, rows), room)
                 for k, v in layer_states(cache)
             ]
         )
