@@ -131,6 +131,11 @@ class HFLanguageModel:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    def clear_prefix_cache(self) -> None:
+        """Drop the prefix KV states kept across scoring calls (their memory goes back)."""
+        if self.scorer.prefix_cache is not None:
+            self.scorer.prefix_cache.clear()
+
     @property
     def max_length(self) -> int:
         return context_window(self.model)

@@ -122,6 +122,10 @@ def _evidence(
         return evidence, {}
     if order[0].prompt.prefix is not None:  # a soft prompt's vectors are not generated after
         return evidence, {}
+    # Scoring is over and generation reads no prefix KV: the cache's memory goes to generation.
+    clear = getattr(objective.lm, "clear_prefix_cache", None)
+    if clear is not None:
+        clear()
     metric = metric_objective("generation")
     # Generation is the slow part: the best prompt and the baselines only.
     prompts = _unique([order[0].prompt] + [c.prompt for c in found.values()])

@@ -103,8 +103,7 @@ def ape_scorer(lm: HFLanguageModel) -> Scorer:
     def score(requests: Sequence[Request]) -> np.ndarray:
         # Every repeat starts cold: prefixes kept from the previous repeat would be free here,
         # which one pass over a workload never gets.
-        if lm.scorer.prefix_cache is not None:
-            lm.scorer.prefix_cache.clear()
+        lm.clear_prefix_cache()
         return np.asarray(lm.loglikelihood(requests), dtype=np.float64)
 
     return score
