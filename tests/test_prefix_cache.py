@@ -57,6 +57,16 @@ def test_a_prompt_scored_again_on_new_examples_reads_its_prefix(lm, prefix_runs)
     np.testing.assert_allclose(lm.loglikelihood(requests(FIRST)), first, rtol=0, atol=TOL)
 
 
+def test_a_cleared_cache_runs_the_prompt_again(lm, prefix_runs):
+    first = lm.loglikelihood(requests(FIRST))
+    lm.clear_prefix_cache()
+    assert len(lm.scorer.prefix_cache) == 0 and lm.scorer.prefix_cache.bytes == 0
+    prefix_runs.clear()
+    again = lm.loglikelihood(requests(FIRST))
+    assert prefix_runs  # the prompt's prefix ran again
+    np.testing.assert_allclose(again, first, rtol=0, atol=TOL)
+
+
 def test_a_shorter_shared_start_serves_another_prompt(lm, prefix_runs):
     """Only the common start of a cached key is read; the rest of the new prompt runs."""
     lm.loglikelihood(requests(FIRST))

@@ -2,18 +2,20 @@
 
 Usage:
     python benchmarks/end_to_end/run.py [--tasks antonyms,first_word_letter,negation]
-        [--before 698b591] [--searcher ape] [--repeats 1]
+        [--before 698b591] [--searcher ape] [--repeats 1] [--no-prefix-cache]
         [--out benchmarks/results/end_to_end]
 
 `--before` is a git revision: it is installed (no dependencies, the same site-packages) into a
 folder of its own under /tmp and run from there, so both versions run on the same machine, the
 same interpreter and the same libraries, one after the other; after it, this working tree.
 Each run is `python -m ape optimize TASK --seed 0 --storage memory` in a fresh process (model
-load included in the wall time), with `--searcher NAME` when one is given: the default searcher
-changed in between (ape, then whole), so `--searcher ape` compares the same search on both.
-The result's own timings give the phases: generation,
+load included in the wall time), with `--searcher NAME` when one is given (both versions'
+default is `whole`, the whole-prompt search). The result's own timings give the phases: generation,
 scoring, the search as a whole and the test evidence. Units/s is the scored (prompt, example)
-pairs the model computed per second of scoring. Medians over `--repeats`.
+pairs the model computed per second of scoring. Peak RSS is the run's own (wait4's
+ru_maxrss). `--no-prefix-cache` adds a run of this tree with the cross-call prefix cache off
+($APE_PREFIX_CACHE_MB=0): the difference in peak RSS is what the cache costs in memory.
+Medians over `--repeats`.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from ape.prefix_cache import ENV_MB
 
 REPO = Path(__file__).resolve().parents[2]
 DATA = REPO / ".." / "shared" / "data" / "instruction_induction"
@@ -69,10 +73,15 @@ def install(revision: str) -> Path:
 
 
 def run_once(
-    version: str, path: Path | None, task: str, out: Path, searcher: str | None
+    version: str,
+    path: Path | None,
+    task: str,
+    out: Path,
+    searcher: str | None,
+    extra_env: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """One run of `task` by the code at `path` (None: this working tree)."""
-    env = dict(os.environ)
+    env = dict(os.environ, **(extra_env or {}))
     if path is not None:
         env["PYTHONPATH"] = str(path)
     result_file = out / "runs" / f"{task}-{version}.json"
@@ -92,10 +101,12 @@ def run_once(
         *(["--searcher", searcher] if searcher else []),
     ]
     started = time.perf_counter()
-    subprocess.run(
-        command, check=True, env=env, cwd=tempfile.gettempdir(), stdout=subprocess.DEVNULL
-    )
+    child = subprocess.Popen(command, env=env, cwd=tempfile.gettempdir(), stdout=subprocess.DEVNULL)
+    _, status, usage = os.wait4(child.pid, 0)
     wall = time.perf_counter() - started
+    child.returncode = os.waitstatus_to_exitcode(status)
+    if child.returncode:
+        raise subprocess.CalledProcessError(child.returncode, command)
     result = json.loads(result_file.read_text())
     timings = result["timings"]
     computed = result["budget_detail"].get("pairs_computed", 0)
@@ -104,6 +115,7 @@ def run_once(
         "version": version,
         "task": task,
         "wall_s": round(wall, 1),
+        "peak_rss_mb": round(usage.ru_maxrss / 1024),  # Linux reports kilobytes
         "generate_s": timings.get("generate_s", 0.0),
         "score_s": timings.get("score_s", 0.0),
         "search_s": timings.get("search_s", 0.0),
@@ -120,7 +132,8 @@ def median_row(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """The median of each timing over repeats; the prompt and scores of the first repeat (a
     seeded run chooses the same prompt every time)."""
     out = dict(rows[0])
-    for key in ("wall_s", "generate_s", "score_s", "search_s", "evidence_s", "units_per_s"):
+    timed = ("wall_s", "generate_s", "score_s", "search_s", "evidence_s", "units_per_s")
+    for key in (*timed, "peak_rss_mb"):
         values = [r[key] for r in rows if r[key] is not None]
         out[key] = round(statistics.median(values), 1) if values else None
     out["repeats"] = len(rows)
@@ -134,8 +147,8 @@ def table(rows: list[dict[str, Any]], machine: str, searcher: str | None) -> str
         f"--storage memory`, {which}, medians over repeats.",
         "",
         "| task | version | wall s | generation s | scoring s | search s | evidence s | units/s "
-        "| test loglik | test metric | best prompt |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| peak RSS MB | test loglik | test metric | best prompt |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
         prompt = (r["best"] or "(no instruction)")[:60] + f" + {r['best_demos']} demos"
@@ -143,13 +156,16 @@ def table(rows: list[dict[str, Any]], machine: str, searcher: str | None) -> str
         lines.append(
             f"| {r['task']} | {r['version']} | {r['wall_s']} | {r['generate_s']:.1f} | "
             f"{r['score_s']:.1f} | {r['search_s']:.1f} | {r['evidence_s']} | {r['units_per_s']} | "
-            f"{r['test_loglik']:.4f} | {metric} | {prompt} |"
+            f"{r['peak_rss_mb']} | {r['test_loglik']:.4f} | {metric} | {prompt} |"
         )
     for task in dict.fromkeys(r["task"] for r in rows):
-        walls = {r["version"]: r["wall_s"] for r in rows if r["task"] == task}
-        if len(walls) == 2:
-            before, after = walls.values()
+        runs = {r["version"].split()[0]: r for r in rows if r["task"] == task}
+        if "before" in runs and "after" in runs:
+            before, after = runs["before"]["wall_s"], runs["after"]["wall_s"]
             lines.append(f"\n{task}: {before / after:.2f}x faster end to end.")
+        if "after" in runs and "no-cache" in runs:
+            extra = runs["after"]["peak_rss_mb"] - runs["no-cache"]["peak_rss_mb"]
+            lines.append(f"\n{task}: the prefix cache adds {extra:+d} MB of peak RSS.")
     return "\n".join(lines)
 
 
@@ -159,26 +175,33 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--before", default=BEFORE, help="git revision ('' to skip)")
     parser.add_argument("--searcher", default=None, help="a searcher both versions run")
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument(
+        "--no-prefix-cache",
+        action="store_true",
+        help="also run this tree with the prefix cache off (its cost in peak RSS)",
+    )
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args(argv)
     (args.out / "runs").mkdir(parents=True, exist_ok=True)
-    versions: list[tuple[str, Path | None]] = []
+    versions: list[tuple[str, Path | None, dict[str, str]]] = []
     if args.before:
-        versions.append((f"before ({args.before})", install(args.before)))
+        versions.append((f"before ({args.before})", install(args.before), {}))
     head = subprocess.run(
         ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
         capture_output=True,
         text=True,
         check=True,
     ).stdout.strip()
-    versions.append((f"after ({head})", None))
+    versions.append((f"after ({head})", None, {}))
+    if args.no_prefix_cache:
+        versions.append((f"no-cache ({head}, APE_PREFIX_CACHE_MB=0)", None, {ENV_MB: "0"}))
     rows = []
     for task in args.tasks.split(","):
-        for version, path in versions:
+        for version, path, env in versions:
             tag = version.split()[0]
             print(f"== {task} {version}", file=sys.stderr, flush=True)
             repeats = [
-                run_once(tag, path, task, args.out, args.searcher) for _ in range(args.repeats)
+                run_once(tag, path, task, args.out, args.searcher, env) for _ in range(args.repeats)
             ]
             row = median_row(repeats)
             row["version"] = version
