@@ -182,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args(argv)
+    args.out = args.out.resolve()  # the runs start in another directory
     (args.out / "runs").mkdir(parents=True, exist_ok=True)
     versions: list[tuple[str, Path | None, dict[str, str]]] = []
     if args.before:
