@@ -20,10 +20,12 @@ from collections.abc import Sequence
 import torch
 from transformers import DynamicCache
 
-try:  # per-layer cache objects (transformers >= 4.56); before them, caches only concatenate
+try:  # caches built from per-layer objects; before them, a cache can only concatenate
     from transformers.cache_utils import Cache, DynamicLayer
 except ImportError:  # pragma: no cover - older transformers
     Cache = DynamicLayer = None
+if Cache is not None and "layers" not in inspect.signature(Cache.__init__).parameters:
+    Cache = DynamicLayer = None  # pragma: no cover - layer objects, but no Cache(layers=...)
 
 # Per layer, the (keys, values) of a prefix: [batch, heads, tokens, head_dim] each.
 LayerStates = list[tuple[torch.Tensor, torch.Tensor]]
