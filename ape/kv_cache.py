@@ -15,7 +15,7 @@ from __future__ import annotations
 import functools
 import inspect
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 from transformers import DynamicCache
@@ -109,15 +109,19 @@ def padded_cache(
     return build_cache(config, layers)
 
 
-def reserved_cache(config, states: LayerStates, room: int) -> DynamicCache:
+def reserved_cache(
+    config, states: Iterable[tuple[torch.Tensor, torch.Tensor]], room: int
+) -> DynamicCache:
     """A cache holding `states` with room for `room` more tokens per row, written in place.
 
     A decoding loop's DynamicCache concatenates every step, copying the whole KV once per token
     (a quarter of the time of decoding long prompts on a CPU, and the allocator churn behind
-    its peak memory). Transformers without per-layer cache objects get a DynamicCache.
+    its peak memory). `states` may be a generator: each layer is copied in as it comes, so a
+    selection never holds a second copy of the whole KV. Transformers whose Cache is not built
+    from layer objects get a DynamicCache.
     """
     if DynamicLayer is None:
-        return build_cache(config, states)
+        return build_cache(config, list(states))
     return Cache(layers=[ReservedLayer.holding(k, v, room) for k, v in states])
 
 
@@ -190,16 +194,8 @@ def select_rows(config, cache, rows: torch.Tensor, room: int | None = None) -> D
             layer.keep(rows)
         return cache
     room = reserved_room(cache) if room is None else room
-    if room and DynamicLayer is not None:  # one layer at a time: no second copy of the whole KV
-        return Cache(
-            layers=[
-                ReservedLayer.holding(k.index_select(0, rows), v.index_select(0, rows), room)
-                for k, v in layer_states(cache)
-            ]
-        )
-    return build_cache(
-        config, [(k.index_select(0, rows), v.index_select(0, rows)) for k, v in layer_states(cache)]
-    )
+    selected = ((k.index_select(0, rows), v.index_select(0, rows)) for k, v in layer_states(cache))
+    return reserved_cache(config, selected, room) if room else build_cache(config, list(selected))
 
 
 def increasing(rows: torch.Tensor, batch: int) -> bool:
