@@ -2,20 +2,21 @@
 
 Usage:
     python benchmarks/end_to_end/run.py [--tasks antonyms,first_word_letter,negation]
-        [--before 698b591] [--searcher ape] [--repeats 1] [--no-prefix-cache]
-        [--out benchmarks/results/end_to_end]
+        [--before 698b591] [--after REV] [--searcher ape] [--repeats 1] [--seeds 0]
+        [--no-prefix-cache] [--out benchmarks/results/end_to_end]
 
 `--before` is a git revision: it is installed (no dependencies, the same site-packages) into a
 folder of its own under /tmp and run from there, so both versions run on the same machine, the
 same interpreter and the same libraries, one after the other; after it, this working tree.
-Each run is `python -m ape optimize TASK --seed 0 --storage memory` in a fresh process (model
+Each run is `python -m ape optimize TASK --seed S --storage memory` in a fresh process (model
 load included in the wall time), with `--searcher NAME` when one is given (both versions'
 default is `whole`, the whole-prompt search). The result's own timings give the phases: generation,
 scoring, the search as a whole and the test evidence. Units/s is the scored (prompt, example)
 pairs the model computed per second of scoring. Peak RSS is the run's own (wait4's
 ru_maxrss). `--no-prefix-cache` adds a run of this tree with the cross-call prefix cache off
 ($APE_PREFIX_CACHE_MB=0): the difference in peak RSS is what the cache costs in memory.
-Medians over `--repeats`.
+Medians over `--repeats`. `--seeds 0,1,2` runs each seed as its own row and adds, per task and
+version, the mean test score over the seeds: one seed's best prompt is one draw of the search.
 """
 
 from __future__ import annotations
@@ -79,12 +80,13 @@ def run_once(
     out: Path,
     searcher: str | None,
     extra_env: dict[str, str] | None = None,
+    seed: int = 0,
 ) -> dict[str, Any]:
     """One run of `task` by the code at `path` (None: this working tree)."""
     env = dict(os.environ, **(extra_env or {}))
     if path is not None:
         env["PYTHONPATH"] = str(path)
-    result_file = out / "runs" / f"{task}-{version}.json"
+    result_file = out / "runs" / f"{task}-{version}-seed{seed}.json"
     command = [
         sys.executable,
         "-m",
@@ -92,7 +94,7 @@ def run_once(
         "optimize",
         str(DATA / task),
         "--seed",
-        "0",
+        str(seed),
         "--storage",
         "memory",
         "--quiet",
@@ -114,6 +116,7 @@ def run_once(
     return {
         "version": version,
         "task": task,
+        "seed": seed,
         "wall_s": round(wall, 1),
         "peak_rss_mb": round(usage.ru_maxrss / 1024),  # Linux reports kilobytes
         "generate_s": timings.get("generate_s", 0.0),
@@ -143,38 +146,65 @@ def median_row(rows: list[dict[str, Any]]) -> dict[str, Any]:
 def table(rows: list[dict[str, Any]], machine: str, searcher: str | None) -> str:
     which = f"--searcher {searcher}" if searcher else "each version's default searcher"
     lines = [
-        f"Measured on {machine}; SmolLM2-135M-Instruct, float32; `ape optimize TASK --seed 0 "
+        f"Measured on {machine}; SmolLM2-135M-Instruct, float32; `ape optimize TASK --seed S "
         f"--storage memory`, {which}, medians over repeats.",
         "",
-        "| task | version | wall s | generation s | scoring s | search s | evidence s | units/s "
-        "| peak RSS MB | test loglik | test metric | best prompt |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| task | seed | version | wall s | generation s | scoring s | search s | evidence s "
+        "| units/s | peak RSS MB | test loglik | test metric | best prompt |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
         prompt = (r["best"] or "(no instruction)")[:60] + f" + {r['best_demos']} demos"
         metric = "" if r["test_metric"] is None else f"{r['test_metric']:.3f}"
         lines.append(
-            f"| {r['task']} | {r['version']} | {r['wall_s']} | {r['generate_s']:.1f} | "
-            f"{r['score_s']:.1f} | {r['search_s']:.1f} | {r['evidence_s']} | {r['units_per_s']} | "
-            f"{r['peak_rss_mb']} | {r['test_loglik']:.4f} | {metric} | {prompt} |"
+            f"| {r['task']} | {r['seed']} | {r['version']} | {r['wall_s']} | "
+            f"{r['generate_s']:.1f} | {r['score_s']:.1f} | {r['search_s']:.1f} | "
+            f"{r['evidence_s']} | {r['units_per_s']} | {r['peak_rss_mb']} | "
+            f"{r['test_loglik']:.4f} | {metric} | {prompt} |"
         )
-    for task in dict.fromkeys(r["task"] for r in rows):
-        runs = {r["version"].split()[0]: r for r in rows if r["task"] == task}
-        if "before" in runs and "after" in runs:
-            before, after = runs["before"]["wall_s"], runs["after"]["wall_s"]
-            lines.append(f"\n{task}: {before / after:.2f}x faster end to end.")
-        if "after" in runs and "no-cache" in runs:
-            extra = runs["after"]["peak_rss_mb"] - runs["no-cache"]["peak_rss_mb"]
-            lines.append(f"\n{task}: the prefix cache adds {extra:+d} MB of peak RSS.")
+    lines += comparisons(rows)
     return "\n".join(lines)
+
+
+def comparisons(rows: list[dict[str, Any]]) -> list[str]:
+    """Per task and seed, the speed-up and the prefix cache's memory; per task over several
+    seeds, each version's mean test scores."""
+    lines = []
+    seeds = sorted({r["seed"] for r in rows})
+    for task in dict.fromkeys(r["task"] for r in rows):
+        for seed in seeds:
+            runs = {
+                r["version"].split()[0]: r for r in rows if r["task"] == task and r["seed"] == seed
+            }
+            on = f"{task} (seed {seed})"
+            if "before" in runs and "after" in runs:
+                before, after = runs["before"]["wall_s"], runs["after"]["wall_s"]
+                lines.append(f"\n{on}: {before / after:.2f}x faster end to end.")
+            if "after" in runs and "no-cache" in runs:
+                extra = runs["after"]["peak_rss_mb"] - runs["no-cache"]["peak_rss_mb"]
+                lines.append(f"\n{on}: the prefix cache adds {extra:+d} MB of peak RSS.")
+        if len(seeds) < 2:
+            continue
+        for version in dict.fromkeys(r["version"] for r in rows if r["task"] == task):
+            mine = [r for r in rows if r["task"] == task and r["version"] == version]
+            loglik = statistics.mean(r["test_loglik"] for r in mine)
+            metrics = [r["test_metric"] for r in mine if r["test_metric"] is not None]
+            metric = f", test metric {statistics.mean(metrics):.3f}" if metrics else ""
+            lines.append(
+                f"\n{task}, {version}, mean over seeds {','.join(map(str, seeds))}: "
+                f"test loglik {loglik:.4f}{metric}."
+            )
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tasks", default=",".join(TASKS))
     parser.add_argument("--before", default=BEFORE, help="git revision ('' to skip)")
+    parser.add_argument("--after", default="", help="git revision (default: this working tree)")
     parser.add_argument("--searcher", default=None, help="a searcher both versions run")
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--seeds", default="0", help="comma-separated seeds, each its own row")
     parser.add_argument(
         "--no-prefix-cache",
         action="store_true",
@@ -187,26 +217,32 @@ def main(argv: list[str] | None = None) -> int:
     versions: list[tuple[str, Path | None, dict[str, str]]] = []
     if args.before:
         versions.append((f"before ({args.before})", install(args.before), {}))
-    head = subprocess.run(
-        ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.strip()
-    versions.append((f"after ({head})", None, {}))
+    head = (
+        args.after
+        or subprocess.run(
+            ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    )
+    after = install(args.after) if args.after else None
+    versions.append((f"after ({head})", after, {}))
     if args.no_prefix_cache:
-        versions.append((f"no-cache ({head}, APE_PREFIX_CACHE_MB=0)", None, {ENV_MB: "0"}))
+        versions.append((f"no-cache ({head}, APE_PREFIX_CACHE_MB=0)", after, {ENV_MB: "0"}))
     rows = []
     for task in args.tasks.split(","):
-        for version, path, env in versions:
-            tag = version.split()[0]
-            print(f"== {task} {version}", file=sys.stderr, flush=True)
-            repeats = [
-                run_once(tag, path, task, args.out, args.searcher, env) for _ in range(args.repeats)
-            ]
-            row = median_row(repeats)
-            row["version"] = version
-            rows.append(row)
+        for seed in (int(s) for s in args.seeds.split(",")):
+            for version, path, env in versions:
+                tag = version.split()[0]
+                print(f"== {task} seed {seed} {version}", file=sys.stderr, flush=True)
+                repeats = [
+                    run_once(tag, path, task, args.out, args.searcher, env, seed)
+                    for _ in range(args.repeats)
+                ]
+                row = median_row(repeats)
+                row["version"] = version
+                rows.append(row)
     from ape.device import describe_machine, machine_line
 
     text = table(rows, machine_line(describe_machine("cpu")), args.searcher)
