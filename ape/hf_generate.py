@@ -14,7 +14,8 @@ from collections.abc import Sequence
 
 import torch
 
-from ape.shared_generation import Sampling, Stop, first_stop, generate_tokens
+from ape.decoding import Sampling, Stop, first_stop
+from ape.shared_generation import generate_tokens
 
 # A sentence end (as ape.search.proposal reads it): . ! or ?, any closing quotes, then whitespace.
 # As a stop, the text is cut before the quotes and whitespace, keeping the punctuation.

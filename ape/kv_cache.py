@@ -168,6 +168,11 @@ if DynamicLayer is not None:
             self.keys = self.key_buffer[:, :, :length]
             self.values = self.value_buffer[:, :, :length]
 
+        def truncate(self, length: int) -> None:
+            """Forget every slot from `length` on (they are written over by later updates)."""
+            self.keys = self.keys[:, :, :length]
+            self.values = self.values[:, :, :length]
+
         def update(self, key_states, value_states, *args, **kwargs):
             start = self.keys.shape[2]
             end = start + key_states.shape[2]
@@ -209,6 +214,18 @@ def reserved_room(cache) -> int:
     if not layers or DynamicLayer is None or not isinstance(layers[0], ReservedLayer):
         return 0
     return layers[0].room
+
+
+def truncatable(cache) -> bool:
+    """Whether `truncate` can shorten `cache`: a cache of reserved layers."""
+    layers = getattr(cache, "layers", None)
+    return bool(layers) and DynamicLayer is not None and isinstance(layers[0], ReservedLayer)
+
+
+def truncate(cache, length: int) -> None:
+    """Keep the first `length` slots of every layer of `cache` (a `truncatable` one)."""
+    for layer in cache.layers:
+        layer.truncate(length)
 
 
 def kv_shape(model: torch.nn.Module) -> KVShape:

@@ -10,50 +10,31 @@
    [group prefix, left-aligned and zero-padded | prompt suffix, left-padded | generated tokens];
    an explicit attention mask hides the padding, and position ids count from each row's start.
    A group's prefix gets a pass of its own only where it saves more than a pass costs.
-4. A row is done at EOS, at the token cap, or when its text contains a stop string or matches a
-   stop pattern. Done rows leave the batch (the cache is compacted), and the batch ends when
-   no row is left: no step is spent on a finished sample.
-5. Sampling is inverse-CDF: token t of sample j of prompt i is picked with a uniform drawn by
-   numpy from the seed (seed, i, j). So the texts depend on the seed, the prompt and its index,
-   not on the batching or on n (up to float rounding of the logits, which differs between
-   devices and dtypes), and the global RNG is never touched.
+4. The batch then decodes (ape/decoding.py): done rows leave it, and with `Sampling.lookup` a
+   pass may settle several tokens of a row that copies its prompt.
+5. Sampling is inverse-CDF (ape/next_token.py): token t of sample j of prompt i is picked with a
+   uniform drawn from the seed (seed, i, j). So the texts depend on the seed, the prompt and its
+   index, not on the batching or on n (up to float rounding of the logits, which differs
+   between devices and dtypes), and the global RNG is never touched.
 
 Every KV-cache call goes through ape/kv_cache.py.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
 import ape.kv_cache as kv_cache
 import ape.packing as packing
+from ape.decoding import Decoding, Sampling, additive_mask, decode, logits_of
 from ape.kv_cache import LayerStates
+from ape.next_token import uniforms
 
 # Sharing a prefix costs a pass of its own; below this many tokens saved, prompts run whole.
 MIN_SAVED_TOKENS = 64
-# A stop is a string (the text is cut before it) or a compiled pattern (cut at its match).
-Stop = str | re.Pattern
-
-
-@dataclass(frozen=True)
-class Sampling:
-    """How rows pick their next token. temperature 0 is greedy (top_p is then unused)."""
-
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int = 0
-    max_new_tokens: int = 32
-    eos: frozenset[int] = frozenset()
-    stop: tuple[Stop, ...] = ()
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature <= 0
 
 
 @dataclass
@@ -65,20 +46,6 @@ class Job:
     group: int = -1
     prefix_len: int = 0
     rows: list[tuple[int, int]] = field(default_factory=list)  # (prompt index, sample) per row
-
-
-def first_stop(text: str, stop: Sequence[Stop]) -> int:
-    """Where `text` is cut: the start of its earliest stop string or pattern match, or -1."""
-    cut = -1
-    for s in stop:
-        if isinstance(s, str):
-            at = text.find(s)
-        else:
-            match = s.search(text)
-            at = match.start() if match else -1
-        if at >= 0 and (cut < 0 or at < cut):
-            cut = at
-    return cut
 
 
 def plan(
@@ -112,72 +79,6 @@ def plan(
         batches[-1].append(job)
         size += len(job.rows)
     return batches
-
-
-def uniforms(rows: Sequence[tuple[int, int]], sampling: Sampling) -> np.ndarray:
-    """[rows, max_new_tokens] uniforms in [0, 1), row (i, j) drawn from the seed (seed, i, j)."""
-    seed = sampling.seed % 2**64  # numpy seeds are non-negative
-    return np.stack(
-        [np.random.default_rng([seed, i, j]).random(sampling.max_new_tokens) for i, j in rows]
-    )
-
-
-def choose(
-    logits: torch.Tensor, u: torch.Tensor | None, temperature: float, top_p: float, head: int = 256
-) -> torch.Tensor:
-    """The next token per row: argmax when greedy, else the inverse-CDF draw at uniform `u`.
-
-    The distribution is that of `model.generate`'s sampling: softmax(logits / temperature),
-    restricted to the nucleus (the most likely tokens before which less than `top_p` mass lies,
-    at least one) and renormalized. Sorting the vocabulary costs as much as a model step on a
-    CPU, so only the `head` most likely tokens are sorted, unless they hold less than `top_p`.
-    """
-    if temperature <= 0 or u is None:
-        return logits.argmax(-1)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
-    u = u.to(probs.device, probs.dtype)
-    if top_p >= 1.0:  # no nucleus: the vocabulary's own order will do
-        return draw(probs, None, u)
-    sorted_p, order = probs.topk(min(head, probs.shape[-1]), dim=-1)
-    tokens = draw(nucleus_mask(sorted_p, top_p), order, u)
-    short = sorted_p.sum(-1) < top_p  # a flat row: its nucleus reaches past the head
-    if bool(short.any()):
-        sorted_p, order = probs[short].sort(dim=-1, descending=True)
-        tokens[short] = draw(nucleus_mask(sorted_p, top_p), order, u[short])
-    return tokens
-
-
-def draw(probs: torch.Tensor, order: torch.Tensor | None, u: torch.Tensor) -> torch.Tensor:
-    """Per row, the token at which the cumulative mass of `probs` first exceeds `u` of it."""
-    cum = probs.cumsum(-1)
-    k = torch.searchsorted(cum, u[:, None] * cum[:, -1:], right=True)
-    # A target rounded up to the total would land past the end: take the last possible token.
-    last = probs.shape[-1] - 1 - (probs > 0).flip(-1).int().argmax(-1, keepdim=True)
-    k = torch.minimum(k, last)
-    return (k if order is None else order.gather(-1, k)).squeeze(-1)
-
-
-def nucleus_mask(sorted_p: torch.Tensor, top_p: float) -> torch.Tensor:
-    """`sorted_p` (descending per row) with the tokens outside the nucleus set to zero."""
-    keep = (sorted_p.cumsum(-1) - sorted_p) < top_p
-    keep[:, 0] = True
-    return sorted_p * keep
-
-
-def logits_of(model, hidden: torch.Tensor) -> torch.Tensor:
-    """Hidden states to fp32 vocabulary logits, as the model's own head would (softcap too)."""
-    logits = model.get_output_embeddings()(hidden).float()
-    cap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
-    if cap:
-        logits = torch.tanh(logits / cap) * cap
-    return logits
-
-
-def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """A boolean [batch, query, key] pattern as the additive [batch, 1, query, key] mask."""
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
-    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
-    return mask[:, None]
 
 
 def prefix_states(model, prefixes: Sequence[Sequence[int]]) -> list[LayerStates]:
@@ -222,28 +123,6 @@ def share_prefixes(model, jobs: list[Job], states: dict[int, LayerStates]) -> No
                 job.prefix_len = 0
         return
     states.update(zip(todo, prefix_states(model, list(todo.values())), strict=True))
-
-
-@dataclass
-class Decoding:
-    """The live rows of one batch: their cache and what the next step needs."""
-
-    cache: object  # a DynamicCache, built and read through ape/kv_cache.py
-    valid: torch.Tensor  # [rows, cache slots] bool: the slots each row attends to
-    position: torch.Tensor  # [rows] the position of each row's next input token
-    logits: torch.Tensor  # [rows, vocab] fp32: each row's next-token logits
-    rows: torch.Tensor  # [rows] each live row's index in the batch's row list
-
-    def select(self, model, keep: torch.Tensor, room: int | None = None) -> Decoding:
-        """The rows at `keep` (indices into the live rows, repeats allowed), with room in the
-        cache for `room` more tokens (None: what it has left)."""
-        return Decoding(
-            kv_cache.select_rows(model.config, self.cache, keep, room),
-            self.valid[keep],
-            self.position[keep],
-            self.logits[keep],
-            self.rows[keep],
-        )
 
 
 def prefill(
@@ -296,62 +175,6 @@ def prefill(
     return state
 
 
-def step(model, state: Decoding, tokens: torch.Tensor) -> None:
-    """Feed one token per live row; `state` then holds the logits for the token after it."""
-    live = len(tokens)
-    state.valid = torch.cat([state.valid, state.valid.new_ones(live, 1)], dim=1)
-    out, state.cache = kv_cache.run(
-        model.base_model,
-        cache=state.cache,
-        input_ids=tokens[:, None],
-        position_ids=state.position[:, None],
-        attention_mask=additive_mask(state.valid[:, None], model.dtype),
-        use_cache=True,
-    )
-    state.position = state.position + 1
-    state.logits = logits_of(model, out.last_hidden_state[:, -1])
-
-
-def decode(
-    model, tokenizer, state: Decoding, sampling: Sampling, u: torch.Tensor | None
-) -> list[list[int]]:
-    """Decode every row of `state` until it is done; the new tokens per row (EOS left out)."""
-    out: list[list[int]] = [[] for _ in range(len(state.rows))]
-    for t in range(sampling.max_new_tokens):
-        rows = state.rows.tolist()
-        draws = None if u is None else u[state.rows, t]
-        picked = choose(state.logits, draws, sampling.temperature, sampling.top_p)
-        done = finished(tokenizer, out, rows, picked.tolist(), sampling)
-        live = [b for b, d in enumerate(done) if not d]
-        if not live or t + 1 == sampling.max_new_tokens:
-            break
-        if len(live) < len(rows):
-            # Done rows leave the batch: no later step computes them.
-            state = state.select(model, torch.tensor(live, device=picked.device))
-            picked = picked[live]
-        step(model, state, picked)
-    return out
-
-
-def finished(
-    tokenizer, out: list[list[int]], rows: list[int], picked: list[int], sampling: Sampling
-) -> list[bool]:
-    """Append each live row's token to `out`; per live row, whether it is now done."""
-    done = []
-    for row, token in zip(rows, picked, strict=True):
-        if token in sampling.eos:
-            done.append(True)
-            continue
-        out[row].append(token)
-        done.append(len(out[row]) >= sampling.max_new_tokens)
-    if sampling.stop:
-        check = [b for b, d in enumerate(done) if not d]
-        texts = tokenizer.batch_decode([out[rows[b]] for b in check], skip_special_tokens=True)
-        for b, text in zip(check, texts, strict=True):
-            done[b] = first_stop(text, sampling.stop) >= 0
-    return done
-
-
 def generate_tokens(
     model,
     tokenizer,
@@ -374,9 +197,15 @@ def generate_tokens(
         for jobs in plan(prompts, n, sampling.greedy, batch_rows):
             share_prefixes(model, jobs, states)
             rows = [row for job in jobs for row in job.rows]
-            u = None if sampling.greedy else torch.from_numpy(uniforms(rows, sampling)).to(device)
-            state = prefill(model, jobs, states, tokenizer.pad_token_id, sampling.max_new_tokens)
-            new_tokens = decode(model, tokenizer, state, sampling, u)
+            u = None
+            if not sampling.greedy:
+                draws = uniforms(rows, sampling.seed, sampling.max_new_tokens)
+                u = torch.from_numpy(draws).to(device)
+            # Drafts leave unused slots behind in the cache: room for them too.
+            room = sampling.max_new_tokens * (2 if sampling.lookup else 1)
+            state = prefill(model, jobs, states, tokenizer.pad_token_id, room)
+            row_prompts = [job.tokens for job in jobs for _ in job.rows]
+            new_tokens = decode(model, tokenizer, state, sampling, u, row_prompts)
             for (i, j), tokens in zip(rows, new_tokens, strict=True):
                 result[i][j] = tokens
             if sampling.greedy:  # one row served every owner and sample

@@ -15,6 +15,7 @@ import torch
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
 
 import ape.hf_generate as hf_generate
+import ape.next_token as next_token
 import ape.shared_generation as sg
 from ape.hf_generate import SENTENCE_END, cut_at
 
@@ -107,18 +108,18 @@ def test_sampler_draws_the_warped_distribution(vocab):
         logits = torch.randn(1, vocab) * scale
         for temperature, top_p in [(1.0, 1.0), (0.7, 0.9), (1.5, 0.5), (0.3, 0.99)]:
             expected = warped_distribution(logits, temperature, top_p)
-            picked = sg.choose(logits.expand(len(u), -1), u, temperature, top_p)
+            picked = next_token.choose(logits.expand(len(u), -1), u, temperature, top_p)
             freq = np.bincount(picked.numpy(), minlength=vocab) / len(u)
             np.testing.assert_allclose(freq, expected, atol=3e-4)
-    assert sg.choose(logits, None, 0.0, 1.0).item() == logits.argmax().item()
+    assert next_token.choose(logits, None, 0.0, 1.0).item() == logits.argmax().item()
 
 
 def test_sampler_rows_do_not_depend_on_their_neighbours():
     torch.manual_seed(4)
     logits = torch.randn(64, 600) * torch.linspace(0.1, 8, 64)[:, None]  # flat to peaked
     u = torch.rand(64)
-    together = sg.choose(logits, u, 0.8, 0.9)
-    alone = [sg.choose(logits[i : i + 1], u[i : i + 1], 0.8, 0.9).item() for i in range(64)]
+    together = next_token.choose(logits, u, 0.8, 0.9)
+    alone = [next_token.choose(logits[i : i + 1], u[i : i + 1], 0.8, 0.9).item() for i in range(64)]
     assert together.tolist() == alone
 
 
@@ -144,7 +145,7 @@ def naive_check(lm, prompt_ids, sample, u_row, sampling) -> int:
         draws = [u_row[t], max(u_row[t] - ROUNDING, 0.0), min(u_row[t] + ROUNDING, 1 - 1e-9)]
         picks = [
             int(pick)
-            for pick in sg.choose(
+            for pick in next_token.choose(
                 logits.expand(3, -1), torch.tensor(draws), sampling.temperature, sampling.top_p
             )
         ]
@@ -164,7 +165,9 @@ def test_sampling_matches_a_naive_sampler_with_the_same_draws(tiny_lm, single_th
     ties = 0
     with torch.inference_mode():
         for i, samples in enumerate(got):
-            u = sg.uniforms([(i, j) for j in range(3)], sampling)
+            u = next_token.uniforms(
+                [(i, j) for j in range(3)], sampling.seed, sampling.max_new_tokens
+            )
             ties += sum(
                 naive_check(tiny_lm, tokens[i], samples[j], u[j], sampling) for j in range(3)
             )

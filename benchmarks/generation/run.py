@@ -44,7 +44,8 @@ import ape.hf_generate as hf_generate
 from ape.device import describe_machine, machine_line
 from ape.models import load_model
 from ape.prompt import Prompt
-from ape.shared_generation import Sampling, generate_tokens
+from ape.decoding import Sampling
+from ape.shared_generation import generate_tokens
 from ape.task import read_examples
 
 REPO = Path(__file__).resolve().parents[2]

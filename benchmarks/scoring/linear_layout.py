@@ -38,7 +38,8 @@ from ape.device import describe_machine, machine_line
 from ape.lm import HFLanguageModel
 from ape.models import load_model
 from ape.prompt import Prompt
-from ape.shared_generation import Sampling, generate_tokens
+from ape.decoding import Sampling
+from ape.shared_generation import generate_tokens
 from ape.task import read_examples
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
