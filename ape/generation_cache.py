@@ -90,40 +90,97 @@ def generate_stored(
     """
     n, max_new_tokens = settings["n"], settings["max_new_tokens"]
     affordable = budget.affordable(len(prompts), n * max_new_tokens)
-    size = max(1, CHUNK_SEQUENCES // n)
     outputs: list[list[str]] = []
     with tqdm(total=affordable, unit="prompt", **bar_options) as bar:
-        for start in range(0, affordable, size):
-            chunk = list(prompts[start : min(start + size, affordable)])
-            request = {"model": lm.name, "prompts": chunk, **settings}
-            request["stop"] = list(request["stop"] or [])
+        for request in chunk_requests(lm, prompts[:affordable], settings):
             stored = cache.get(request)
             if stored is None:
                 with timed("generate"):
-                    stored = _sample(lm, chunk, settings)
+                    (stored,) = _sample(lm, [request])
                 cache.put(request, stored)
             budget.add_tokens(stored["tokens"])
             outputs += [list(out) for out in stored["texts"]]
-            bar.update(len(chunk))
+            bar.update(len(request["prompts"]))
     if affordable < len(prompts):
         raise budget.exhausted()
     return outputs
 
 
-def _sample(lm: LanguageModel, chunk: list[str], settings: dict[str, Any]) -> dict[str, Any]:
-    """One chunk from the model, seeded by the run's seed and the chunk's text."""
-    seed = settings["seed"]
-    texts = lm.generate(
-        chunk,
-        n=settings["n"],
-        temperature=settings["temperature"],
-        max_new_tokens=settings["max_new_tokens"],
-        seed=None if seed is None else int(content_hash([seed, chunk], 8), 16),
-        chat=settings["chat"],
-        stop=settings["stop"],
-    )
-    limit = settings["max_new_tokens"]
-    return {"texts": texts, "tokens": sum(_token_count(lm, out, limit) for out in texts)}
+def generate_ahead(
+    cache: GenerationCache,
+    lm: LanguageModel,
+    budget: Budget,
+    prompt_sets: Sequence[tuple[Sequence[str], bool]],
+    settings: dict[str, Any],
+    *,
+    timed: Callable[[str], AbstractContextManager[None]],
+    bar_options: dict[str, Any],
+) -> None:
+    """Store the chunks that `generate_stored` will sample for each (prompts, chat) of
+    `prompt_sets` under `settings` (chat aside), sampled together: one decoding run instead of
+    one per set, with the same texts. Nothing is charged here (each later call charges its own
+    chunks), and nothing is run unless the budget can reserve every prompt of every set."""
+    total = sum(len(prompts) for prompts, _ in prompt_sets)
+    if budget.affordable(total, settings["n"] * settings["max_new_tokens"]) < total:
+        return
+    requests = [
+        request
+        for prompts, chat in prompt_sets
+        for request in chunk_requests(lm, prompts, {**settings, "chat": chat})
+    ]
+    missing = list({content_hash(r, 24): r for r in requests if cache.get(r) is None}.values())
+    if not missing:
+        return
+    # One decoding run: the bar moves once, at its end.
+    with tqdm(total=sum(len(r["prompts"]) for r in missing), unit="prompt", **bar_options) as bar:
+        with timed("generate"):
+            results = _sample(lm, missing)
+        for request, result in zip(missing, results, strict=True):
+            cache.put(request, result)
+        bar.update(bar.total)
+
+
+def chunk_requests(
+    lm: LanguageModel, prompts: Sequence[str], settings: dict[str, Any]
+) -> list[dict[str, Any]]:
+    """The stored units `prompts` are sampled in: about CHUNK_SEQUENCES sequences each."""
+    size = max(1, CHUNK_SEQUENCES // settings["n"])
+    requests = []
+    for start in range(0, len(prompts), size):
+        request = {"model": lm.name, "prompts": list(prompts[start : start + size]), **settings}
+        request["stop"] = list(request["stop"] or [])
+        requests.append(request)
+    return requests
+
+
+def _sample(lm: LanguageModel, requests: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Chunks from the model, each seeded by the run's seed and the chunk's text; in one
+    decoding run where the model can (`generate_groups`) and the chunks differ in prompts,
+    seed and chat only."""
+    groups = [
+        (
+            r["prompts"],
+            None if r["seed"] is None else int(content_hash([r["seed"], r["prompts"]], 8), 16),
+            r["chat"],
+        )
+        for r in requests
+    ]
+    shared = {k: requests[0][k] for k in ("n", "temperature", "max_new_tokens", "stop")}
+    together = getattr(lm, "generate_groups", None)
+    if together is not None and all({k: r[k] for k in shared} == shared for r in requests):
+        texts = together(groups, **shared)
+    else:
+        texts = [
+            lm.generate(prompts, seed=seed, chat=chat, **{k: r[k] for k in shared})
+            for (prompts, seed, chat), r in zip(groups, requests, strict=True)
+        ]
+    return [
+        {
+            "texts": out,
+            "tokens": sum(_token_count(lm, samples, r["max_new_tokens"]) for samples in out),
+        }
+        for out, r in zip(texts, requests, strict=True)
+    ]
 
 
 def _token_count(lm: LanguageModel, texts: Sequence[str], max_new_tokens: int) -> int:

@@ -1,7 +1,7 @@
 """Text generation with a Hugging Face causal LM: batched, seeded, cut at stop strings.
 
-`generate` tokenizes and hands the tokens to ape/shared_generation.py, whose decoding loop runs
-each prompt once for all its samples and each shared prefix once for all its prompts.
+`generate_groups` tokenizes and hands the tokens to ape/shared_generation.py, whose decoding loop
+runs each prompt once for all its samples and each shared prefix once for all its prompts.
 `reference_generate` is the model's own `generate` with `num_return_sequences`, which runs the
 prompt once per sample: kept as the reference the tests and benchmarks compare against.
 """
@@ -22,41 +22,54 @@ from ape.shared_generation import generate_tokens
 SENTENCE_END = re.compile(r"(?<=[.!?])[\"'`”’]*\s")
 
 
-def generate(
+def generate_groups(
     model,
     tokenizer,
-    prompts: Sequence[str],
+    groups: Sequence[tuple[Sequence[str], int | None]],
     *,
     n: int = 1,
     temperature: float = 0.0,
     top_p: float = 1.0,
     max_new_tokens: int = 32,
-    seed: int | None = None,
     stop: Sequence[Stop] | None = None,
     batch_size: int = 32,
-) -> list[list[str]]:
-    """`n` completions per prompt (greedy when temperature is 0), cut at the first `stop`.
+) -> list[list[list[str]]]:
+    """`n` completions per prompt of each (prompts, seed) group (greedy when temperature is 0),
+    cut at the first `stop`, from one decoding run: a pass decodes rows of every group.
 
     A stop is a string, or a compiled pattern (e.g. SENTENCE_END) cut at its match's start. A
-    seed makes the samples reproducible, whatever `batch_size` (rows decoded together), without
-    touching the caller's random state; without one, each call draws its own.
+    group's seed makes its samples reproducible, whatever `batch_size` (rows decoded together)
+    and whatever the other groups, without touching the caller's random state; a group without
+    one draws its own.
     """
+    groups = [
+        (list(prompts), secrets.randbits(63) if seed is None else int(seed))
+        for prompts, seed in groups
+    ]
+    prompts = [p for group, _ in groups for p in group]
     if not prompts:
-        return []
+        return [[] for _ in groups]
     sampling = Sampling(
         temperature=temperature,
         top_p=top_p,
-        seed=secrets.randbits(63) if seed is None else int(seed),
         max_new_tokens=max_new_tokens,
         eos=eos_ids(model, tokenizer),
         stop=tuple(stop or ()),
     )
+    draws_from = [(seed, i) for group, seed in groups for i in range(len(group))]
     tokens = tokenize(tokenizer, prompts)
-    generated = generate_tokens(model, tokenizer, tokens, sampling, n=n, batch_rows=batch_size)
-    return [
+    generated = generate_tokens(
+        model, tokenizer, tokens, sampling, n=n, batch_rows=batch_size, draws_from=draws_from
+    )
+    texts = [
         [cut_at(text, stop) for text in tokenizer.batch_decode(samples, skip_special_tokens=True)]
         for samples in generated
     ]
+    out, start = [], 0
+    for group, _ in groups:
+        out.append(texts[start : start + len(group)])
+        start += len(group)
+    return out
 
 
 def tokenize(tokenizer, prompts: Sequence[str]) -> list[list[int]]:

@@ -219,17 +219,36 @@ class HFLanguageModel:
         `ape.hf_generate.SENTENCE_END`); `batch_size` is the rows decoded together. The same
         seed gives the same texts, whatever the batch size.
         """
-        if chat:
-            prompts = [self.chat_prompt(p) for p in prompts]
-        return hf_generate.generate(
+        settings = dict(n=n, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens)
+        return self.generate_groups(
+            [(prompts, seed, chat)], stop=stop, batch_size=batch_size, **settings
+        )[0]
+
+    @torch.inference_mode()
+    def generate_groups(
+        self,
+        groups: Sequence[tuple[Sequence[str], int | None, bool]],
+        n: int = 1,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        max_new_tokens: int = 32,
+        stop: Sequence[hf_generate.Stop] | None = None,
+        batch_size: int = 32,
+    ) -> list[list[list[str]]]:
+        """Per (prompts, seed, chat) group, what `generate(prompts, seed=seed, chat=chat)` would
+        return, from one decoding run: a pass decodes rows of every group (fewer passes)."""
+        seeded = [
+            ([self.chat_prompt(p) for p in prompts] if chat else list(prompts), seed)
+            for prompts, seed, chat in groups
+        ]
+        return hf_generate.generate_groups(
             self.model,
             self.tokenizer,
-            prompts,
+            seeded,
             n=n,
             temperature=temperature,
             top_p=top_p,
             max_new_tokens=max_new_tokens,
-            seed=seed,
             stop=stop,
             batch_size=batch_size,
         )

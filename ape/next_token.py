@@ -13,10 +13,12 @@ import numpy as np
 import torch
 
 
-def uniforms(rows: Sequence[tuple[int, int]], seed: int, count: int) -> np.ndarray:
-    """[rows, count] uniforms in [0, 1), row (i, j) drawn from the seed (seed, i, j)."""
-    seed = seed % 2**64  # numpy seeds are non-negative
-    return np.stack([np.random.default_rng([seed, i, j]).random(count) for i, j in rows])
+def uniforms(rows: Sequence[tuple[int, int, int]], count: int) -> np.ndarray:
+    """[rows, count] uniforms in [0, 1), row (seed, i, j) drawn from the seed (seed, i, j)."""
+    # numpy seeds are non-negative
+    return np.stack(
+        [np.random.default_rng([seed % 2**64, i, j]).random(count) for seed, i, j in rows]
+    )
 
 
 def choose(

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from ape.budget import Budget, BudgetExhausted, check_counts
 from ape.dispatch import Dispatch, Keyed, pairs_of, score_grouped
-from ape.generation_cache import generate_stored
+from ape.generation_cache import generate_ahead, generate_stored
 from ape.lm import LanguageModel
 from ape.prompt import Prompt
 from ape.ranking import BestSoFar, Candidate
@@ -200,6 +200,34 @@ class Objective:
             lm or self.lm,
             self.budget,
             prompts,
+            settings,
+            timed=self.timed,
+            bar_options={"desc": desc, "disable": not self.progress},
+        )
+
+    def generate_ahead(
+        self,
+        prompt_sets: Sequence[tuple[Sequence[str], bool]],
+        *,
+        n: int = 1,
+        temperature: float = 0.0,
+        max_new_tokens: int = 32,
+        seed: int | None = None,
+        stop: Sequence[str] | None = None,
+        lm: LanguageModel | None = None,
+        desc: str = "generating",
+    ) -> None:
+        """Sample now, in one decoding run, what the `generate` calls with these settings will
+        ask for each (prompts, chat) of `prompt_sets`: those calls then replay it, with the texts
+        they would have sampled, and charge it. A step that asks in several calls (one per
+        template) so decodes once. Nothing is sampled unless the budget covers every prompt."""
+        settings = dict(n=n, temperature=temperature, max_new_tokens=max_new_tokens, seed=seed)
+        settings.update(chat=False, stop=stop)
+        generate_ahead(
+            self.store.generations,
+            lm or self.lm,
+            self.budget,
+            prompt_sets,
             settings,
             timed=self.timed,
             bar_options={"desc": desc, "disable": not self.progress},

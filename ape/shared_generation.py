@@ -183,11 +183,15 @@ def generate_tokens(
     *,
     n: int = 1,
     batch_rows: int = 32,
+    draws_from: Sequence[tuple[int, int]] | None = None,
 ) -> list[list[list[int]]]:
     """Per prompt, `n` samples of new token ids (EOS left out; a stop's token kept).
 
-    Token lists go in as they are (no special tokens added); each must be non-empty.
+    Token lists go in as they are (no special tokens added); each must be non-empty. Sample j
+    of prompt i draws its uniforms from the seed (seed, index, j), where (seed, index) is
+    `draws_from[i]`, by default (sampling.seed, i): calls with different seeds can run as one.
     """
+    keys = draws_from or [(sampling.seed, i) for i in range(len(prompts))]
     device = next(model.parameters()).device
     result: list[list[list[int]]] = [[[] for _ in range(n)] for _ in prompts]
     if sampling.max_new_tokens <= 0 or n <= 0:
@@ -199,7 +203,7 @@ def generate_tokens(
             rows = [row for job in jobs for row in job.rows]
             u = None
             if not sampling.greedy:
-                draws = uniforms(rows, sampling.seed, sampling.max_new_tokens)
+                draws = uniforms([(*keys[i], j) for i, j in rows], sampling.max_new_tokens)
                 u = torch.from_numpy(draws).to(device)
             # Drafts leave unused slots behind in the cache: room for them too.
             room = sampling.max_new_tokens * (2 if sampling.lookup else 1)

@@ -142,6 +142,34 @@ def chat_flags(templates: str, proposer: LanguageModel) -> list[bool]:
     return {"forward": [False], "chat": [True], "both": [False, True]}[templates]
 
 
+# Instructions are one line: sampling stops at the first line end.
+INSTRUCTION_STOP = ("\n",)
+
+
+def sample_ahead(
+    objective: Objective,
+    proposer: LanguageModel,
+    prompt_sets: Sequence[tuple[Sequence[str], bool]],
+    *,
+    n: int,
+    temperature: float,
+    max_new_tokens: int,
+    desc: str,
+) -> None:
+    """Sample the `sample_instructions` calls of a step, one per (prompts, chat) of
+    `prompt_sets`, in one decoding run; the calls then replay their texts."""
+    objective.generate_ahead(
+        prompt_sets,
+        n=n,
+        temperature=temperature,
+        max_new_tokens=max_new_tokens,
+        seed=objective.seed,
+        stop=list(INSTRUCTION_STOP),
+        lm=proposer,
+        desc=desc,
+    )
+
+
 def sample_instructions(
     objective: Objective,
     proposer: LanguageModel,
@@ -162,7 +190,7 @@ def sample_instructions(
         max_new_tokens=max_new_tokens,
         seed=objective.seed,
         chat=chat,
-        stop=["\n"],
+        stop=list(INSTRUCTION_STOP),
         lm=proposer,
         desc=desc + (" (chat)" if chat else ""),
     )
@@ -197,19 +225,21 @@ def propose(
         [train[i] for i in rng.choice(len(train), min(num_demos, len(train)), False)]
         for _ in range(num_subsamples)
     ]
+    prompt_sets = [
+        ([proposal_prompt(demos, chat=chat) for demos in subsamples], chat) for chat in chats
+    ]
+    settings = dict(n=num_proposals, temperature=temperature, max_new_tokens=max_new_tokens)
+    sample_ahead(objective, proposer, prompt_sets, desc="proposing, all templates", **settings)
     proposals: list[str] = []
-    for chat in chats:
-        prompts = [proposal_prompt(demos, chat=chat) for demos in subsamples]
+    for prompts, chat in prompt_sets:
         texts = sample_instructions(
             objective,
             proposer,
             prompts,
-            n=num_proposals,
             chat=chat,
-            temperature=temperature,
-            max_new_tokens=max_new_tokens,
             max_chars=max_chars,
             desc="proposing",
+            **settings,
         )
         found = unique(texts, seen=proposals)
         proposals += found

@@ -166,7 +166,7 @@ def test_sampling_matches_a_naive_sampler_with_the_same_draws(tiny_lm, single_th
     with torch.inference_mode():
         for i, samples in enumerate(got):
             u = next_token.uniforms(
-                [(i, j) for j in range(3)], sampling.seed, sampling.max_new_tokens
+                [(sampling.seed, i, j) for j in range(3)], sampling.max_new_tokens
             )
             ties += sum(
                 naive_check(tiny_lm, tokens[i], samples[j], u[j], sampling) for j in range(3)
@@ -268,3 +268,16 @@ def test_shared_prompt_generation_on_cuda(tiny_lm, dtype):
         assert got == [[reference_ids(lm, p, 10)] for p in PROMPTS]
     sampled = lm.generate(PROMPTS, n=3, temperature=0.9, max_new_tokens=8, seed=2)
     assert lm.generate(PROMPTS, n=3, temperature=0.9, max_new_tokens=8, seed=2) == sampled
+
+
+def test_groups_decode_together_with_each_groups_own_texts(tiny_lm, single_thread):
+    kwargs = dict(n=3, temperature=1.0, max_new_tokens=8)
+    groups = [(PROMPTS[:2], 5, False), (PROMPTS[2:5], 9, True), (PROMPTS[:1], 5, False)]
+    alone = [tiny_lm.generate(p, seed=seed, chat=chat, **kwargs) for p, seed, chat in groups]
+    with Recorder(tiny_lm.model) as seen:
+        together = tiny_lm.generate_groups(groups, **kwargs)
+    assert together == alone
+    assert together[2] == together[0][:1]  # a group's texts depend on its seed and prompts
+    assert together[1] != tiny_lm.generate(PROMPTS[2:5], seed=5, chat=True, **kwargs)
+    # One decoding run: a pass per new token (and prefills), not one per token per group.
+    assert len(seen.shapes) <= 8 + 3

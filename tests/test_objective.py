@@ -385,6 +385,59 @@ def test_sampled_text_after_an_interrupted_generation_matches_an_uninterrupted_r
     assert resumed.budget.tokens == whole.budget.tokens
 
 
+class GroupingLM:
+    """`tiny_lm` with a record of its calls: `generate` and the grouped `generate_groups`."""
+
+    def __init__(self, lm):
+        self.lm, self.name, self.tokenizer = lm, lm.name, lm.tokenizer
+        self.calls: list[str] = []
+
+    def generate(self, prompts, **kwargs):
+        self.calls.append("generate")
+        return self.lm.generate(prompts, **kwargs)
+
+    def generate_groups(self, groups, **kwargs):
+        self.calls.append(f"groups of {len(groups)}")
+        return self.lm.generate_groups(groups, **kwargs)
+
+
+def test_generation_ahead_samples_the_later_calls_at_once_with_their_texts(tiny_lm):
+    """A step that asks per template samples once ahead; each call then replays its chunks,
+    with the texts and charges it has without the run ahead."""
+    sets = [
+        ([f"Input: {w}\nOutput:" for w in ("stone", "cloud", "river")], chat)
+        for chat in (False, True)
+    ]
+    settings = dict(n=16, temperature=1.0, max_new_tokens=4, seed=11, stop=["\n"])  # 2 chunks each
+    plain = _objective(lm=GroupingLM(tiny_lm))
+    expected = [plain.generate(p, chat=chat, **settings) for p, chat in sets]
+    assert plain.lm.calls == ["groups of 1"] * 4  # one chunk per call
+
+    ahead = _objective(lm=GroupingLM(tiny_lm))
+    ahead.generate_ahead(sets, **settings)
+    assert ahead.lm.calls == ["groups of 4"] and ahead.budget.used == 0
+    assert [ahead.generate(p, chat=chat, **settings) for p, chat in sets] == expected
+    assert ahead.lm.calls == ["groups of 4"]  # replayed
+    assert ahead.budget.tokens == plain.budget.tokens
+
+    # Without room in the budget for all of it, nothing runs ahead.
+    short = _objective(lm=GroupingLM(tiny_lm), budget=6 * 16 * 4 - 1)
+    short.generate_ahead(sets, **settings)
+    assert short.lm.calls == []
+
+
+def test_generation_ahead_without_grouped_generation_calls_the_model_per_chunk(tokenizer):
+    lm = FakeLM(tokenizer)
+    objective = _objective(lm=lm)
+    sets = [(["one", "two"], False), (["three"], True)]
+    objective.generate_ahead(sets, n=2, max_new_tokens=8, seed=5)
+    assert lm.generate_calls == [["one", "two"], ["three"]]
+    assert objective.generate(["three"], n=2, max_new_tokens=8, seed=5, chat=True) == [
+        ["answer 0 to three", "answer 1 to three"]
+    ]
+    assert len(lm.generate_calls) == 2
+
+
 # ----------------------------------------------------------------------------- the study's shape
 def test_a_candidate_complete_on_the_pool_gets_one_complete_trial_the_studys_best(tmp_path):
     storage = _sqlite(tmp_path)

@@ -26,6 +26,7 @@ from ape.search.proposal import (
     chat_flags,
     proposal_origin,
     resample_prompt,
+    sample_ahead,
     sample_instructions,
     unique,
 )
@@ -77,8 +78,17 @@ class APESearcher(ProposalOptions):
         bandit.run(rounds, self.per_round)
         for r in range(1, self.resample_rounds + 1):
             best = [arm.prompt.instruction for arm in bandit.top(self.top_k)]
-            for chat in chats:
-                prompts = [resample_prompt(text, chat=chat) for text in best]
+            sets = [([resample_prompt(text, chat=chat) for text in best], chat) for chat in chats]
+            sample_ahead(
+                objective,
+                proposer,
+                sets,
+                n=self.variations,
+                temperature=self.temperature,
+                max_new_tokens=self.max_new_tokens,
+                desc="resampling, all templates",
+            )
+            for prompts, chat in sets:
                 texts = self._sample(objective, proposer, prompts, self.variations, chat, r)
                 seen = [arm.prompt.instruction for arm in bandit.arms.values()]
                 origin = proposal_origin(objective, proposer, chat, f"resample {r}")

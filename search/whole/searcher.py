@@ -52,6 +52,7 @@ from ape.search.proposal import (
     chat_flags,
     proposal_origin,
     resample_prompt,
+    sample_ahead,
     sample_instructions,
 )
 
@@ -136,6 +137,10 @@ class WholePromptSearcher(ProposalOptions):
         rng = np.random.default_rng([objective.seed, 3])
         for r in range(1, self.resample_rounds + 1):
             top = pool.top(self.top_k)
+            sets = [(self._rephrase_prompts(top, chat), chat) for chat in chats]
+            sample_ahead(
+                objective, proposer, sets, desc="resampling, all templates", **self._sampling()
+            )
             for chat in chats:
                 pool.add(self._rephrased(objective, proposer, pool, top, chat, r))
             pool.add(self._mutated(pool, top, train, rng, r))
@@ -223,16 +228,15 @@ class WholePromptSearcher(ProposalOptions):
         parents = [arm for arm in top if arm.prompt.instruction]
         if not parents:
             return []
+        prompts = self._rephrase_prompts(top, chat)
         texts = sample_instructions(
             objective,
             proposer,
-            [resample_prompt(arm.prompt.instruction, chat=chat) for arm in parents],
-            n=self.variations,
+            prompts,
             chat=chat,
-            temperature=self.temperature,
-            max_new_tokens=self.max_new_tokens,
             max_chars=self.max_chars,
             desc="resampling",
+            **self._sampling(),
         )
         origin = proposal_origin(objective, proposer, chat, f"resample {r}")
         out = []
@@ -242,6 +246,21 @@ class WholePromptSearcher(ProposalOptions):
                 demos = pool.demos_of(parent)
                 out.append((pool.prompt(text, demos, parent.prompt.words), demos, origin))
         return out
+
+    @staticmethod
+    def _rephrase_prompts(top: list[Arm], chat: bool) -> list[str]:
+        """The resampling prompts for the top candidates that have an instruction."""
+        return [
+            resample_prompt(arm.prompt.instruction, chat=chat)
+            for arm in top
+            if arm.prompt.instruction
+        ]
+
+    def _sampling(self) -> dict[str, object]:
+        """How variations are sampled: per parent, `variations` of them."""
+        return dict(
+            n=self.variations, temperature=self.temperature, max_new_tokens=self.max_new_tokens
+        )
 
     def _mutated(self, pool: _Pool, top: list[Arm], train, rng, r: int):
         """Demo-set neighbours of the top candidates, and the best instruction on their demos."""
