@@ -8,13 +8,16 @@ Workloads, on Instruction Induction's `antonyms` (../shared/data/instruction_ind
 - proposal: what the default `whole` searcher generates. 2 subsamples of 5 demos, 4 proposals
   each, per template (forward completion and chat); then resampling: 3 instructions, 2
   rephrasings each, per template. Temperature 0.9, top_p 1, 32 new tokens at most, stop at a
-  newline, in the calls ape/generation_cache.py makes (32 sequences per call at most).
+  newline, in the chunks ape/generation_cache.py makes (32 sequences at most). ape samples a
+  step's chunks (both templates) in one decoding run (`Objective.generate_ahead`); before, each
+  chunk was a `model.generate` call of its own.
 - ape-proposal: the `ape` searcher's proposals: 5 subsamples x 8 proposals per template.
 - evidence: the metric evidence, greedy: 5 prompts (an instruction or none, 5 to 8 demos) x the
   test examples, 32 new tokens at most, stop at a newline (GenerationEvaluator's settings).
 
-Methods: `shared` is ape's loop (ape/shared_generation.py); `hf` is `model.generate` with
-`num_return_sequences` and left padding, 16 prompts per call (what ape used before). Each workload
+Methods: `shared` is ape's loop (ape/shared_generation.py), one run per step; `hf` is
+`model.generate` with `num_return_sequences` and left padding, 16 prompts per call, one call per
+chunk (what ape did before). Each workload
 runs twice: `as run` (stop string and EOS, as a search runs it: sampled lengths differ between
 the methods, so tokens/s is the fair rate) and `fixed` (no stop, EOS suppressed: both methods
 generate exactly max_new_tokens per sample, the same samples and tokens). Timed runs go round
@@ -31,7 +34,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,11 +44,12 @@ import transformers
 from ape.search.proposal import proposal_prompt, resample_prompt
 
 import ape.hf_generate as hf_generate
+from ape.decoding import Sampling
 from ape.device import describe_machine, machine_line
 from ape.models import load_model
 from ape.prompt import Prompt
-from ape.decoding import Sampling
 from ape.shared_generation import generate_tokens
+from ape.storage import content_hash
 from ape.task import read_examples
 
 REPO = Path(__file__).resolve().parents[2]
@@ -53,7 +57,7 @@ DATA = REPO / ".." / "shared" / "data" / "instruction_induction" / "antonyms"
 RESULTS = REPO / "benchmarks" / "results" / "generation"
 CHUNK_SEQUENCES = 32  # ape/generation_cache.py's chunk: sequences per generate call
 HF_BATCH = 16  # prompts per model.generate call, ape's former default
-WORKLOADS = ("proposal", "proposal-merged", "ape-proposal", "evidence")
+WORKLOADS = ("proposal", "ape-proposal", "evidence")
 
 
 @dataclass(frozen=True)
@@ -64,14 +68,15 @@ class Call:
     max_new_tokens: int = 32
     stop: tuple[str, ...] = ("\n",)
     seed: int = 0
+    step: int = 0  # the calls of one step are sampled in one run by ape
 
 
 def chunked(prompts: list[str], n: int, **settings: Any) -> list[Call]:
-    """The calls generation_cache makes: CHUNK_SEQUENCES // n prompts per call."""
+    """The chunks generation_cache makes: CHUNK_SEQUENCES // n prompts each."""
     size = max(1, CHUNK_SEQUENCES // n)
-    return [
-        Call(prompts[i : i + size], n, seed=i, **settings) for i in range(0, len(prompts), size)
-    ]
+    chunks = [prompts[i : i + size] for i in range(0, len(prompts), size)]
+    # Seeded by the run's seed (0) and the chunk's text, as generation_cache does.
+    return [Call(c, n, seed=int(content_hash([0, c], 8), 16), **settings) for c in chunks]
 
 
 def proposal_calls(lm, train, subsamples: int, proposals: int, rephrase: int) -> list[Call]:
@@ -87,7 +92,7 @@ def proposal_calls(lm, train, subsamples: int, proposals: int, rephrase: int) ->
     for chat in (False, True) if rephrase else ():
         prompts = [resample_prompt(text, chat=chat) for text in instructions[:rephrase]]
         prompts = [lm.chat_prompt(p) for p in prompts] if chat else prompts
-        calls += chunked(prompts, 2, temperature=0.9)
+        calls += chunked(prompts, 2, temperature=0.9, step=1)
     return calls
 
 
@@ -103,23 +108,35 @@ def evidence_calls(train, test, examples: int, instructions: list[str]) -> list[
 
 
 # ------------------------------------------------------------------------------ the two methods
-def run_shared(lm, call: Call, fixed: bool) -> tuple[list[list[str]], int]:
-    """ape's loop: texts per prompt and the tokens generated."""
+def run_shared(lm, calls: list[Call], fixed: bool) -> tuple[list[list[str]], int]:
+    """ape's loop, the step's calls in one run: texts per prompt and the tokens generated."""
+    call = calls[0]  # a step's calls differ in their prompts and seeds only
     sampling = Sampling(
         temperature=call.temperature,
-        seed=call.seed,
         max_new_tokens=call.max_new_tokens,
         eos=frozenset() if fixed else hf_generate.eos_ids(lm.model, lm.tokenizer),
         stop=() if fixed else call.stop,
     )
-    tokens = hf_generate.tokenize(lm.tokenizer, call.prompts)
-    out = generate_tokens(lm.model, lm.tokenizer, tokens, sampling, n=call.n)
+    tokens = hf_generate.tokenize(lm.tokenizer, [p for c in calls for p in c.prompts])
+    keys = [(c.seed, i) for c in calls for i in range(len(c.prompts))]
+    out = generate_tokens(lm.model, lm.tokenizer, tokens, sampling, n=call.n, draws_from=keys)
     texts = [decode(lm, samples, None if fixed else call.stop) for samples in out]
     return texts, sum(len(ids) for samples in out for ids in samples)
 
 
-def run_hf(lm, call: Call, fixed: bool) -> tuple[list[list[str]], int]:
-    """model.generate with num_return_sequences: texts per prompt and the tokens generated."""
+def run_hf(lm, calls: list[Call], fixed: bool) -> tuple[list[list[str]], int]:
+    """model.generate with num_return_sequences, a call per chunk: texts per prompt and the
+    tokens generated."""
+    texts: list[list[str]] = []
+    count = 0
+    for call in calls:
+        more, tokens = run_hf_call(lm, call, fixed)
+        texts += more
+        count += tokens
+    return texts, count
+
+
+def run_hf_call(lm, call: Call, fixed: bool) -> tuple[list[list[str]], int]:
     eos = hf_generate.eos_ids(lm.model, lm.tokenizer)
     texts: list[list[str]] = []
     count = 0
@@ -174,13 +191,14 @@ class Passes:
 
 
 def measure(lm, calls: list[Call], fixed: bool, repeats: int) -> dict[str, Any]:
-    """Round-robin timed repeats of every method over the workload's calls."""
+    """Round-robin timed repeats of every method over the workload's calls, step by step."""
+    steps = [[c for c in calls if c.step == s] for s in sorted({c.step for c in calls})]
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in METHODS}
     for _ in range(repeats):
         for name, method in METHODS.items():
             passes = Passes(lm.model)
             began = time.perf_counter()
-            results = [method(lm, call, fixed) for call in calls]
+            results = [method(lm, step, fixed) for step in steps]
             seconds = time.perf_counter() - began
             passes.handle.remove()
             texts = [t for texts, _ in results for t in texts]
@@ -221,12 +239,6 @@ def measure(lm, calls: list[Call], fixed: bool, repeats: int) -> dict[str, Any]:
 def workload(lm, name: str, train, test, args) -> list[Call]:
     if name == "proposal":
         return proposal_calls(lm, train, subsamples=2, proposals=4, rephrase=3)
-    if name == "proposal-merged":  # the step's calls merged: one for proposals, one resampling
-        calls = proposal_calls(lm, train, subsamples=2, proposals=4, rephrase=3)
-        return [
-            replace(calls[0], prompts=calls[0].prompts + calls[1].prompts),
-            replace(calls[2], prompts=calls[2].prompts + calls[3].prompts),
-        ]
     if name == "ape-proposal":
         return proposal_calls(lm, train, subsamples=5, proposals=8, rephrase=0)
     meta = json.loads((DATA / "meta.json").read_text())
@@ -250,7 +262,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     train, test = read_examples(DATA / "train.jsonl"), read_examples(DATA / "test.jsonl")
     warm = Call(["Input: hot\nOutput:"], 2, 0.9, max_new_tokens=4)
     for method in METHODS.values():  # untimed: one-off set-up (allocator, kernels)
-        method(lm, warm, False)
+        method(lm, [warm], False)
     report: dict[str, Any] = {
         "date": dt.datetime.now().isoformat(timespec="seconds"),
         "model": args.model,
