@@ -190,3 +190,79 @@ def _token_count(lm: LanguageModel, texts: Sequence[str], max_new_tokens: int) -
         return len(texts) * max_new_tokens
     counts = [len(tokenizer(t, add_special_tokens=False).input_ids) for t in texts]
     return sum(min(c, max_new_tokens) for c in counts)
+
+
+class StoredGeneration:
+    """The generation half of `Objective` (its base class): sampling through stored chunks.
+
+    The class it is mixed into provides `lm`, `budget`, `store` (whose `generations` is a
+    GenerationCache), `timed` and `progress`.
+    """
+
+    lm: LanguageModel
+    budget: Budget
+    store: Any
+    progress: bool
+    timed: Callable[[str], AbstractContextManager[None]]
+
+    def generate(
+        self,
+        prompts: Sequence[str],
+        *,
+        n: int = 1,
+        temperature: float = 0.0,
+        max_new_tokens: int = 32,
+        seed: int | None = None,
+        chat: bool = False,
+        stop: Sequence[str] | None = None,
+        lm: LanguageModel | None = None,
+        desc: str = "generating",
+    ) -> list[list[str]]:
+        """`n` completions per prompt, replayed from the study when stored.
+
+        Prompts are sampled in fixed chunks of about 32 sequences (efficient CPU decoding). Each
+        chunk draws from its own seed, derived from `seed` and the chunk's text, and is stored as
+        one unit, so its samples are the same whether the run was interrupted or not. Each prompt
+        reserves n * max_new_tokens units and is charged the tokens it produced. Prompts the
+        remaining budget cannot reserve are not run: the outputs returned are for a prefix of
+        `prompts`, and `BudgetExhausted` is raised after it.
+        """
+        settings = dict(n=n, temperature=temperature, max_new_tokens=max_new_tokens, seed=seed)
+        settings.update(chat=chat, stop=stop)
+        return generate_stored(
+            self.store.generations,
+            lm or self.lm,
+            self.budget,
+            prompts,
+            settings,
+            timed=self.timed,
+            bar_options={"desc": desc, "disable": not self.progress},
+        )
+
+    def generate_ahead(
+        self,
+        prompt_sets: Sequence[tuple[Sequence[str], bool]],
+        *,
+        n: int = 1,
+        temperature: float = 0.0,
+        max_new_tokens: int = 32,
+        seed: int | None = None,
+        stop: Sequence[str] | None = None,
+        lm: LanguageModel | None = None,
+        desc: str = "generating",
+    ) -> None:
+        """Sample now, in one decoding run, what the `generate` calls with these settings will
+        ask for each (prompts, chat) of `prompt_sets`: those calls then replay it, with the texts
+        they would have sampled, and charge it. A step that asks in several calls (one per
+        template) so decodes once. Nothing is sampled unless the budget covers every prompt."""
+        settings = dict(n=n, temperature=temperature, max_new_tokens=max_new_tokens, seed=seed)
+        settings.update(chat=False, stop=stop)
+        generate_ahead(
+            self.store.generations,
+            lm or self.lm,
+            self.budget,
+            prompt_sets,
+            settings,
+            timed=self.timed,
+            bar_options={"desc": desc, "disable": not self.progress},
+        )

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from ape.budget import Budget, BudgetExhausted, check_counts
 from ape.dispatch import Dispatch, Keyed, pairs_of, score_grouped
-from ape.generation_cache import generate_ahead, generate_stored
+from ape.generation_cache import StoredGeneration
 from ape.lm import LanguageModel
 from ape.prompt import Prompt
 from ape.ranking import BestSoFar, Candidate
@@ -33,7 +33,7 @@ __all__ = ["Budget", "BudgetExhausted", "Candidate", "Objective", "score_grouped
 EVIDENCE_CHUNK = 128
 
 
-class Objective:
+class Objective(StoredGeneration):
     """Scores prompts on task examples for a searcher, within a budget, through a trial store.
 
     `val_order` is one seeded permutation of the validation split shared by every candidate:
@@ -170,68 +170,6 @@ class Objective:
         if exhausted:
             raise self.budget.exhausted()
         return out
-
-    def generate(
-        self,
-        prompts: Sequence[str],
-        *,
-        n: int = 1,
-        temperature: float = 0.0,
-        max_new_tokens: int = 32,
-        seed: int | None = None,
-        chat: bool = False,
-        stop: Sequence[str] | None = None,
-        lm: LanguageModel | None = None,
-        desc: str = "generating",
-    ) -> list[list[str]]:
-        """`n` completions per prompt, replayed from the study when stored.
-
-        Prompts are sampled in fixed chunks of about 32 sequences (efficient CPU decoding). Each
-        chunk draws from its own seed, derived from `seed` and the chunk's text, and is stored as
-        one unit, so its samples are the same whether the run was interrupted or not. Each prompt
-        reserves n * max_new_tokens units and is charged the tokens it produced. Prompts the
-        remaining budget cannot reserve are not run: the outputs returned are for a prefix of
-        `prompts`, and `BudgetExhausted` is raised after it.
-        """
-        settings = dict(n=n, temperature=temperature, max_new_tokens=max_new_tokens, seed=seed)
-        settings.update(chat=chat, stop=stop)
-        return generate_stored(
-            self.store.generations,
-            lm or self.lm,
-            self.budget,
-            prompts,
-            settings,
-            timed=self.timed,
-            bar_options={"desc": desc, "disable": not self.progress},
-        )
-
-    def generate_ahead(
-        self,
-        prompt_sets: Sequence[tuple[Sequence[str], bool]],
-        *,
-        n: int = 1,
-        temperature: float = 0.0,
-        max_new_tokens: int = 32,
-        seed: int | None = None,
-        stop: Sequence[str] | None = None,
-        lm: LanguageModel | None = None,
-        desc: str = "generating",
-    ) -> None:
-        """Sample now, in one decoding run, what the `generate` calls with these settings will
-        ask for each (prompts, chat) of `prompt_sets`: those calls then replay it, with the texts
-        they would have sampled, and charge it. A step that asks in several calls (one per
-        template) so decodes once. Nothing is sampled unless the budget covers every prompt."""
-        settings = dict(n=n, temperature=temperature, max_new_tokens=max_new_tokens, seed=seed)
-        settings.update(chat=False, stop=stop)
-        generate_ahead(
-            self.store.generations,
-            lm or self.lm,
-            self.budget,
-            prompt_sets,
-            settings,
-            timed=self.timed,
-            bar_options={"desc": desc, "disable": not self.progress},
-        )
 
     def charge(self, units: int) -> None:
         """Spend `units` on compute no trial records (a soft prompt's training step, say).

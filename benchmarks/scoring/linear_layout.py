@@ -34,11 +34,11 @@ import torch
 from ape.search.proposal import proposal_prompt
 
 from ape.cpu_linear import use_weight_left
+from ape.decoding import Sampling
 from ape.device import describe_machine, machine_line
 from ape.lm import HFLanguageModel
 from ape.models import load_model
 from ape.prompt import Prompt
-from ape.decoding import Sampling
 from ape.shared_generation import generate_tokens
 from ape.task import read_examples
 
