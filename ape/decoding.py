@@ -236,7 +236,7 @@ def leave(
         return None, picked
     if len(live) == len(done):
         return state, picked
-    keep = torch.tensor(live, device=picked.device)
+    keep = torch.tensor(kv_cache.fill_order(live, len(done)), device=picked.device)
     return state.select(model, keep), picked[keep]
 
 

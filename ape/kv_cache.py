@@ -158,13 +158,15 @@ if DynamicLayer is not None:
             return self.key_buffer.shape[2] - self.keys.shape[2]
 
         def keep(self, rows: torch.Tensor) -> None:
-            """Keep the batch rows `rows` (increasing), moved up to the front of the buffer."""
+            """Keep the batch rows `rows`, a `fill_order`: only the rows that move are copied."""
             length = self.keys.shape[2]
-            keys, values = self.keys.index_select(0, rows), self.values.index_select(0, rows)
+            slots = torch.arange(len(rows), device=rows.device)
+            moved = slots[rows != slots]
+            if len(moved):
+                self.key_buffer[moved, :, :length] = self.keys[rows[moved]]
+                self.value_buffer[moved, :, :length] = self.values[rows[moved]]
             self.key_buffer = self.key_buffer[: len(rows)]
             self.value_buffer = self.value_buffer[: len(rows)]
-            self.key_buffer[:, :, :length] = keys
-            self.value_buffer[:, :, :length] = values
             self.keys = self.key_buffer[:, :, :length]
             self.values = self.value_buffer[:, :, :length]
 
@@ -194,8 +196,8 @@ def _takes_config() -> bool:
 def select_rows(config, cache, rows: torch.Tensor, room: int | None = None) -> DynamicCache:
     """A cache holding the batch rows `rows` of `cache`, in that order (repeats allowed), with
     `room` more tokens reserved (None: the room `cache` has left)."""
-    if room is None and reserved_room(cache) and increasing(rows, cache.layers[0].keys.shape[0]):
-        for layer in cache.layers:  # finished rows leave: the rest move up, in place
+    if room is None and reserved_room(cache) and filling(rows, cache.layers[0].keys.shape[0]):
+        for layer in cache.layers:  # finished rows leave; rows from the end fill their slots
             layer.keep(rows)
         return cache
     room = reserved_room(cache) if room is None else room
@@ -203,9 +205,24 @@ def select_rows(config, cache, rows: torch.Tensor, room: int | None = None) -> D
     return reserved_cache(config, selected, room) if room else build_cache(config, list(selected))
 
 
-def increasing(rows: torch.Tensor, batch: int) -> bool:
-    """Whether `rows` are distinct rows of a batch of `batch`, in order."""
-    return bool(len(rows) <= batch and (len(rows) < 2 or (rows[1:] > rows[:-1]).all()))
+def fill_order(live: Sequence[int], batch: int) -> list[int]:
+    """The rows `live` of a batch of `batch`, in the order where each slot keeps its row and the
+    slots of the rows that leave take the live rows from past the new end: compacting the KV in
+    place then copies only those (not every row, as moving them all up would)."""
+    kept = set(live)
+    order = list(range(len(live)))
+    holes = [slot for slot in order if slot not in kept]
+    for slot, row in zip(holes, [r for r in live if r >= len(live)], strict=True):
+        order[slot] = row
+    return order
+
+
+def filling(rows: torch.Tensor, batch: int) -> bool:
+    """Whether `rows` is a `fill_order` of a batch of `batch`: distinct rows, each slot keeping
+    its own row or taking one from past the new end."""
+    slots = torch.arange(len(rows), device=rows.device)
+    distinct = len(torch.unique(rows)) == len(rows)
+    return bool(distinct and len(rows) <= batch and ((rows == slots) | (rows >= len(rows))).all())
 
 
 def reserved_room(cache) -> int:

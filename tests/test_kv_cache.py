@@ -39,14 +39,20 @@ def test_keeping_rows_compacts_in_place_and_selecting_others_copies(tiny_lm):
     torch.manual_seed(1)
     start = states(4, 3)
     cache = kv_cache.reserved_cache(tiny_lm.model.config, start, room=3)
-    kept = kv_cache.select_rows(tiny_lm.model.config, cache, torch.tensor([0, 2, 3]))
+    # Row 1 leaves: the last row moves into its slot, the others stay where they are.
+    order = kv_cache.fill_order([0, 2, 3], 4)
+    assert order == [0, 3, 2]
+    moved = kv_cache.select_rows(tiny_lm.model.config, cache, torch.tensor([0, 2, 3]))
+    assert moved is not cache  # not a fill order: a copy
+    kept = kv_cache.select_rows(tiny_lm.model.config, cache, torch.tensor(order))
     assert kept is cache and kv_cache.reserved_room(kept) == 3
     k, _ = kv_cache.layer_states(kept)[1]
-    assert torch.equal(k, start[1][0][[0, 2, 3]])
+    assert torch.equal(k, start[1][0][order])
+    assert torch.equal(kv_cache.layer_states(moved)[1][0], start[1][0][[0, 2, 3]])
     new = torch.randn(3, 2, 1, 4)
     for layer in range(2):  # still written in place, after the kept rows
         kept.update(new, new, layer)
     assert torch.equal(kv_cache.layer_states(kept)[1][0][:, :, 3:], new)
     repeated = kv_cache.select_rows(tiny_lm.model.config, kept, torch.tensor([1, 1]))
     assert repeated is not kept and kv_cache.reserved_room(repeated) == 2
-    assert torch.equal(kv_cache.layer_states(repeated)[0][1][0, :, :3], start[0][1][2])
+    assert torch.equal(kv_cache.layer_states(repeated)[0][1][0, :, :3], start[0][1][3])
