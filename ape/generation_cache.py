@@ -229,15 +229,8 @@ class StoredGeneration:
         """
         settings = dict(n=n, temperature=temperature, max_new_tokens=max_new_tokens, seed=seed)
         settings.update(chat=chat, stop=stop)
-        return generate_stored(
-            self.store.generations,
-            lm or self.lm,
-            self.budget,
-            prompts,
-            settings,
-            timed=self.timed,
-            bar_options={"desc": desc, "disable": not self.progress},
-        )
+        cache, model, budget, options = self._through_store(lm, desc)
+        return generate_stored(cache, model, budget, prompts, settings, **options)
 
     def generate_ahead(
         self,
@@ -257,12 +250,11 @@ class StoredGeneration:
         template) so decodes once. Nothing is sampled unless the budget covers every prompt."""
         settings = dict(n=n, temperature=temperature, max_new_tokens=max_new_tokens, seed=seed)
         settings.update(chat=False, stop=stop)
-        generate_ahead(
-            self.store.generations,
-            lm or self.lm,
-            self.budget,
-            prompt_sets,
-            settings,
-            timed=self.timed,
-            bar_options={"desc": desc, "disable": not self.progress},
-        )
+        cache, model, budget, options = self._through_store(lm, desc)
+        generate_ahead(cache, model, budget, prompt_sets, settings, **options)
+
+    def _through_store(self, lm: LanguageModel | None, desc: str) -> tuple:
+        """What both generation paths take: the stored chunks, the model, the budget, and the
+        timer and progress bar options."""
+        options = {"timed": self.timed, "bar_options": {"desc": desc, "disable": not self.progress}}
+        return self.store.generations, lm or self.lm, self.budget, options
