@@ -119,7 +119,13 @@ def generate_ahead(
     """Store the chunks that `generate_stored` will sample for each (prompts, chat) of
     `prompt_sets` under `settings` (chat aside), sampled together: one decoding run instead of
     one per set, with the same texts. Nothing is charged here (each later call charges its own
-    chunks), and nothing is run unless the budget can reserve every prompt of every set."""
+    chunks), and nothing is run unless the budget can reserve every prompt of every set.
+
+    Models that cannot decode groups together (served ones) are left to the later calls: they
+    would gain nothing here, and those calls store each chunk as its requests come back, so a
+    run killed mid-step keeps what the server already answered."""
+    if getattr(lm, "generate_groups", None) is None:
+        return
     total = sum(len(prompts) for prompts, _ in prompt_sets)
     if budget.affordable(total, settings["n"] * settings["max_new_tokens"]) < total:
         return
@@ -156,7 +162,7 @@ def chunk_requests(
 def _sample(lm: LanguageModel, requests: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """Chunks from the model, each seeded by the run's seed and the chunk's text; in one
     decoding run where the model can (`generate_groups`) and the chunks differ in prompts,
-    seed and chat only."""
+    seed and chat only, else one call per chunk."""
     groups = [
         (
             r["prompts"],
