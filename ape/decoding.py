@@ -12,7 +12,7 @@ decides how many tokens one pass may settle.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -96,6 +96,23 @@ class Decoding:
             self.rows[keep],
         )
 
+    def merge(self, model, other: Decoding, room: int) -> Decoding:
+        """These rows, then `other`'s, in one batch with room in the cache for `room` more
+        tokens; each row's cache keeps only its valid slots (see kv_cache.merge)."""
+        parts = [(self.cache, self.valid), (other.cache, other.valid)]
+        cache, valid = kv_cache.merge(model.config, parts, room)
+        return Decoding(
+            cache,
+            valid,
+            torch.cat([self.position, other.position]),
+            torch.cat([self.logits, other.logits]),
+            torch.cat([self.rows, other.rows]),
+        )
+
+
+# Tops a batch up with rows still waiting (None: no batch yet); returns None when none is left.
+TopUp = Callable[[Decoding | None], Decoding | None]
+
 
 def feed(model, state: Decoding, ids: torch.Tensor, fed: torch.Tensor) -> torch.Tensor:
     """Feed `ids` [rows, width] after each row's cache; `fed` [rows, width] marks the real ones
@@ -174,18 +191,25 @@ def check_drafts(
 def decode(
     model,
     tokenizer,
-    state: Decoding,
+    state: Decoding | None,
     sampling: Sampling,
     u: torch.Tensor | None,
     prompts: Sequence[Sequence[int]],
+    top_up: TopUp | None = None,
 ) -> list[list[int]]:
-    """Decode every row of `state` until it is done; the new tokens per row (EOS left out).
+    """Decode every row until it is done; per row, its new tokens (EOS left out).
 
-    `prompts` holds each row's prompt tokens, where drafts are looked up.
+    `prompts` holds every row's prompt tokens (where drafts are looked up), indexed as the rows
+    of `state` and of the batches `top_up` brings: before each pass it may add waiting rows
+    to the batch, so that passes keep enough rows to use the hardware while rows leave.
     """
-    out: list[list[int]] = [[] for _ in range(len(state.rows))]
-    lookup = sampling.lookup if kv_cache.truncatable(state.cache) else 0
+    out: list[list[int]] = [[] for _ in range(len(prompts))]
     while True:
+        if top_up is not None:
+            state = top_up(state)
+        if state is None:
+            return out
+        lookup = sampling.lookup if kv_cache.truncatable(state.cache) else 0
         rows = state.rows.tolist()
         draws = None
         if u is not None:
@@ -195,7 +219,7 @@ def decode(
         done = finished(tokenizer, out, rows, picked.tolist(), sampling)
         state, picked = leave(model, state, done, picked)
         if state is None:
-            return out
+            continue
         rows = state.rows.tolist()
         drafts = (
             [
@@ -223,8 +247,6 @@ def decode(
             for b, end in zip(live, ends, strict=True):
                 done[b] = end
         state, _ = leave(model, state, done, picked)
-        if state is None:
-            return out
 
 
 def leave(

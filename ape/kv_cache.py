@@ -200,9 +200,70 @@ def select_rows(config, cache, rows: torch.Tensor, room: int | None = None) -> D
         for layer in cache.layers:  # finished rows leave; rows from the end fill their slots
             layer.keep(rows)
         return cache
+    # A reserved cache stays one with no room left: decoding with drafts truncates it.
+    keep_reserved = room or truncatable(cache)
     room = reserved_room(cache) if room is None else room
     selected = ((k.index_select(0, rows), v.index_select(0, rows)) for k, v in layer_states(cache))
-    return reserved_cache(config, selected, room) if room else build_cache(config, list(selected))
+    if keep_reserved:
+        return reserved_cache(config, selected, room)
+    return build_cache(config, list(selected))
+
+
+def merge(
+    config, parts: Sequence[tuple[object, torch.Tensor]], room: int
+) -> tuple[DynamicCache, torch.Tensor]:
+    """One cache holding the rows of every (cache, valid) of `parts`, in order, and its valid
+    slots ([rows, slots] bool), with `room` more tokens reserved.
+
+    Each row keeps only its valid slots, packed to the left in their order. Positions are held
+    by the keys themselves (rotary embeddings are applied before caching), and attention sums
+    over the slots a mask allows, so where a slot sits changes nothing but float rounding.
+    """
+    counts = torch.cat([valid.sum(dim=1) for _, valid in parts])
+    width = int(counts.max())
+    # Per part, each row's valid slots first, in slot order (a stable sort of "not valid").
+    orders = [
+        torch.sort((~valid).int(), dim=1, stable=True).indices[:, :width] for _, valid in parts
+    ]
+    merged = []
+    for layer in range(len(layer_states(parts[0][0]))):
+        pieces = []
+        for (cache, _), order in zip(parts, orders, strict=True):
+            keys, values = layer_states(cache)[layer]
+            at = order[:, None, :, None]
+            pieces.append(
+                (
+                    keys.gather(2, at.expand(-1, keys.shape[1], -1, keys.shape[3])),
+                    values.gather(2, at.expand(-1, values.shape[1], -1, values.shape[3])),
+                )
+            )
+        merged.append(_stacked_rows(pieces, width, room))
+    slots = torch.arange(width, device=counts.device)
+    valid = slots[None, :] < counts[:, None]
+    if DynamicLayer is None or not room:
+        return build_cache(config, [(k[:, :, :width], v[:, :, :width]) for k, v in merged]), valid
+    return Cache(layers=[ReservedLayer(k, v, width) for k, v in merged]), valid
+
+
+def _stacked_rows(
+    pieces: Sequence[tuple[torch.Tensor, torch.Tensor]], width: int, room: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(keys, values) pieces of [rows, heads, at most `width`, dim], stacked by rows into
+    buffers of `width` + `room` slots. The first `width` are zero where no piece reaches (a
+    masked slot must hold no NaN); the room is written before it is read."""
+    k0, v0 = pieces[0]
+    rows = sum(k.shape[0] for k, _ in pieces)
+    keys = k0.new_empty(rows, k0.shape[1], width + room, k0.shape[3])
+    values = v0.new_empty(rows, v0.shape[1], width + room, v0.shape[3])
+    start = 0
+    for k, v in pieces:
+        end, n = start + len(k), k.shape[2]
+        keys[start:end, :, :n] = k
+        values[start:end, :, :n] = v
+        keys[start:end, :, n:width] = 0
+        values[start:end, :, n:width] = 0
+        start = end
+    return keys, values
 
 
 def fill_order(live: Sequence[int], batch: int) -> list[int]:

@@ -214,6 +214,36 @@ def test_rows_stop_at_stop_strings_and_leave_the_batch(tiny_lm, single_thread):
     assert texts[0][0] + stop == full[0][0][: len(texts[0][0] + stop)]
 
 
+def test_waiting_prompts_join_a_half_empty_batch_with_the_same_texts(tiny_lm, single_thread):
+    """batch_rows 4: once at most two rows are left, waiting prompts are prefilled and decode
+    beside them; each text is still model.generate's, and seeded samples are those of one big
+    batch."""
+    words = ("big", "fast", "on", "light", "early", "loud", "in", "full")
+    # One shared few-shot prefix; the last word differs, and so does what the model goes on with.
+    prompts = [f"Write the opposite word.\n\n{DEMOS}Input: {w}\nOutput: {w}" for w in words]
+    free = ours(tiny_lm, prompts, greedy(tiny_lm, 8))
+    # Every other row ends at its second token (an EOS of its own); the rest run longer.
+    eos = frozenset(sample[0][1] for sample in free[::2])
+    sampling = sg.Sampling(max_new_tokens=8, eos=eos)
+    with Recorder(tiny_lm.model) as seen:
+        got = ours(tiny_lm, prompts, sampling, batch_rows=4)
+    assert got == ours(tiny_lm, prompts, sampling, batch_rows=64)
+    for prompt, samples in zip(prompts, got, strict=True):  # model.generate's, to the EOS
+        tokens = samples[0]
+        assert tokens == reference_ids(tiny_lm, prompt, 8)[: len(tokens)]
+        assert len(tokens) == 8 or free[prompts.index(prompt)][0][len(tokens)] in eos
+    # A prefill after decoding has begun, whose rows then step beside rows already running.
+    shapes = seen.shapes
+    first_step = next(k for k, (_, width) in enumerate(shapes) if width == 1)
+    assert any(
+        shapes[k][1] > 1 and shapes[k + 1][0] > shapes[k][0]
+        for k in range(first_step, len(shapes) - 1)
+    )
+    assert max(rows for rows, _ in seen.shapes) <= 4
+    hot = sg.Sampling(temperature=1.0, seed=3, max_new_tokens=6, eos=eos)
+    assert ours(tiny_lm, prompts, hot, n=3, batch_rows=4) == ours(tiny_lm, prompts, hot, n=3)
+
+
 def test_eos_ends_a_row_and_the_batch_ends_when_all_are_done(tiny_lm, single_thread):
     free = ours(tiny_lm, PROMPTS[:1], greedy(tiny_lm, 10))[0][0]
     end = free.index(free[3])

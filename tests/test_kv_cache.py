@@ -56,3 +56,33 @@ def test_keeping_rows_compacts_in_place_and_selecting_others_copies(tiny_lm):
     repeated = kv_cache.select_rows(tiny_lm.model.config, kept, torch.tensor([1, 1]))
     assert repeated is not kept and kv_cache.reserved_room(repeated) == 2
     assert torch.equal(kv_cache.layer_states(repeated)[0][1][0, :, :3], start[0][1][3])
+
+
+def test_merging_packs_each_rows_valid_slots_left_and_reserves_room(tiny_lm):
+    torch.manual_seed(2)
+    config = tiny_lm.model.config
+    a, b = states(2, 4), states(1, 6)
+    valid_a = torch.tensor([[True, False, True, True], [False, True, False, False]])
+    valid_b = torch.tensor([[True, True, False, True, True, False]])
+    parts = [
+        (kv_cache.reserved_cache(config, a, room=0), valid_a),
+        (kv_cache.build_cache(config, b), valid_b),
+    ]
+    cache, valid = kv_cache.merge(config, parts, room=2)
+    assert valid.tolist() == [[True] * 3 + [False], [True] + [False] * 3, [True] * 4]
+    assert kv_cache.reserved_room(cache) == 2 and kv_cache.truncatable(cache)
+    for (k, v), (ka, va), (kb, vb) in zip(kv_cache.layer_states(cache), a, b, strict=True):
+        assert torch.equal(k[0, :, :3], ka[0, :, [0, 2, 3]])
+        assert torch.equal(v[1, :, :1], va[1, :, [1]])  # its other slots are masked
+        assert torch.equal(k[2], kb[0, :, [0, 1, 3, 4]]) and torch.equal(
+            v[2], vb[0, :, [0, 1, 3, 4]]
+        )
+
+
+def test_a_selection_of_a_reserved_cache_with_no_room_left_can_still_be_truncated(tiny_lm):
+    config = tiny_lm.model.config
+    full = kv_cache.reserved_cache(config, states(3, 2), room=0)
+    picked = kv_cache.select_rows(config, full, torch.tensor([2, 0]))
+    assert kv_cache.truncatable(picked)
+    kv_cache.truncate(picked, 1)
+    assert kv_cache.layer_states(picked)[0][0].shape[2] == 1
