@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from ape.cpu_linear import use_weight_left, wanted
+from ape.gqa_attention import use_gqa_attention
 from ape.device import resolve_device, resolve_dtype
 from ape.lm import HFLanguageModel, LanguageModel
 from ape.model_error import ModelError
@@ -57,6 +58,8 @@ def load_model(
     model.to(dev).eval()
     if wanted(dev):
         use_weight_left(model)  # faster few-row products on a CPU (ape/cpu_linear.py)
+    if dev.type == "cpu":
+        use_gqa_attention(model)  # no copy of the KV per query head (ape/gqa_attention.py)
     return HFLanguageModel(model, tokenizer, name=name)
 
 

@@ -9,6 +9,7 @@ import torch
 import transformers
 from ape.search.ape import APESearcher
 
+from ape.gqa_attention import use_gqa_attention
 from ape.lm import HFLanguageModel
 from ape.models import _local_directory
 
@@ -34,6 +35,7 @@ def tiny_lm(tokenizer) -> HFLanguageModel:
     )
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(config).eval()
+    use_gqa_attention(model)  # as load_model does on a CPU
     return HFLanguageModel(model, tokenizer, name="tiny")
 
 
