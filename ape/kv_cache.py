@@ -213,7 +213,8 @@ def merge(
     config, parts: Sequence[tuple[object, torch.Tensor]], room: int
 ) -> tuple[DynamicCache, torch.Tensor]:
     """One cache holding the rows of every (cache, valid) of `parts`, in order, and its valid
-    slots ([rows, slots] bool), with `room` more tokens reserved.
+    slots ([rows, slots] bool), with `room` more tokens reserved. The parts' caches are
+    emptied: they are not to be used again.
 
     Each row keeps only its valid slots, packed to the left in their order. Positions are held
     by the keys themselves (rotary embeddings are applied before caching), and attention sums
@@ -225,11 +226,17 @@ def merge(
     orders = [
         torch.sort((~valid).int(), dim=1, stable=True).indices[:, :width] for _, valid in parts
     ]
+    # Each part's layers are let go of as they are copied (the parts are dead after a merge),
+    # so the merge holds one layer twice, not the whole KV.
+    states = [layer_states(cache) for cache, _ in parts]
     merged = []
-    for layer in range(len(layer_states(parts[0][0]))):
+    for layer in range(len(states[0])):
         pieces = []
-        for (cache, _), order in zip(parts, orders, strict=True):
-            keys, values = layer_states(cache)[layer]
+        for (cache, _), held, order in zip(parts, states, orders, strict=True):
+            keys, values = held[layer]
+            held[layer] = None
+            if getattr(cache, "layers", None) is not None:
+                cache.layers[layer] = None
             at = order[:, None, :, None]
             pieces.append(
                 (
@@ -237,6 +244,7 @@ def merge(
                     values.gather(2, at.expand(-1, values.shape[1], -1, values.shape[3])),
                 )
             )
+            del keys, values
         merged.append(_stacked_rows(pieces, width, room))
     slots = torch.arange(width, device=counts.device)
     valid = slots[None, :] < counts[:, None]

@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 
 from ape.cpu_linear import use_weight_left, wanted
-from ape.gqa_attention import use_gqa_attention
 from ape.device import resolve_device, resolve_dtype
+from ape.gqa_attention import use_gqa_attention
 from ape.lm import HFLanguageModel, LanguageModel
 from ape.model_error import ModelError
 
