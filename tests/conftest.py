@@ -21,11 +21,9 @@ def tokenizer():
     return transformers.AutoTokenizer.from_pretrained(directory)
 
 
-@pytest.fixture(scope="session")
-def tiny_lm(tokenizer) -> HFLanguageModel:
-    """A 2-layer random Llama: real tokenization and scoring paths, milliseconds per call."""
-    config = transformers.LlamaConfig(
-        vocab_size=len(tokenizer),
+def tiny_llama_config(tokenizer, **changes) -> transformers.LlamaConfig:
+    """The tiny model's config (2 layers, 4 query heads in 2 groups), with `changes`."""
+    shape = dict(
         hidden_size=32,
         intermediate_size=64,
         num_hidden_layers=2,
@@ -33,6 +31,13 @@ def tiny_lm(tokenizer) -> HFLanguageModel:
         num_key_value_heads=2,
         max_position_embeddings=256,
     )
+    return transformers.LlamaConfig(vocab_size=len(tokenizer), **{**shape, **changes})
+
+
+@pytest.fixture(scope="session")
+def tiny_lm(tokenizer) -> HFLanguageModel:
+    """A 2-layer random Llama: real tokenization and scoring paths, milliseconds per call."""
+    config = tiny_llama_config(tokenizer)
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(config).eval()
     use_gqa_attention(model)  # as load_model does on a CPU

@@ -7,6 +7,7 @@ import copy
 
 import torch
 import transformers
+from conftest import tiny_llama_config
 
 from ape.gqa_attention import NAME, use_gqa_attention
 from ape.lm import HFLanguageModel
@@ -42,15 +43,7 @@ def test_scores_and_greedy_texts_are_those_of_sdpa(tiny_lm, monkeypatch):
 
 
 def test_only_grouped_sdpa_models_are_switched(tokenizer):
-    config = transformers.LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=64,
-    )
+    config = tiny_llama_config(tokenizer, num_hidden_layers=1, num_key_value_heads=4)
     ungrouped = transformers.LlamaForCausalLM(config).eval()
     assert not use_gqa_attention(ungrouped)
     config.num_key_value_heads = 2
