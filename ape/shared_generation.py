@@ -49,13 +49,10 @@ class Job:
     rows: list[tuple[int, int]] = field(default_factory=list)  # (prompt index, sample) per row
 
 
-def plan(
-    prompts: Sequence[Sequence[int]], n: int, greedy: bool, batch_rows: int
-) -> list[list[Job]]:
-    """Prompts -> jobs (distinct token sequences, grouped by shared prefix) -> batches of jobs.
-
-    A batch holds jobs in token order until it has `batch_rows` rows (at least one job).
-    """
+def plan(prompts: Sequence[Sequence[int]], n: int, greedy: bool) -> list[Job]:
+    """Prompts -> jobs (distinct token sequences, grouped by shared prefix), in decoding order:
+    by group, and in a group shortest first (a batch pads its suffixes to its longest).
+    `TopUps` then takes them into the decoding batch in that order."""
     by_tokens: dict[tuple[int, ...], Job] = {}
     for i, tokens in enumerate(prompts):
         key = tuple(tokens)
@@ -68,19 +65,11 @@ def plan(
     for g, group in enumerate(packing.group_rows(rows)):
         for row in group.rows:
             at[row.tokens].group, at[row.tokens].prefix_len = g, group.prefix_len
-    batches: list[list[Job]] = []
-    size = 0
-    # In a group, shorter prompts first: a batch pads its suffixes to its longest.
-    for job in sorted(jobs, key=lambda job: (job.group, len(job.tokens), job.tokens)):
+    for job in jobs:
         # Greedy rows of one prompt would be identical: one row serves every owner and sample.
         owners = job.owners[:1] if greedy else job.owners
         job.rows = [(i, j) for i in owners for j in range(1 if greedy else n)]
-        if not batches or size + len(job.rows) > batch_rows:
-            batches.append([])
-            size = 0
-        batches[-1].append(job)
-        size += len(job.rows)
-    return batches
+    return sorted(jobs, key=lambda job: (job.group, len(job.tokens), job.tokens))
 
 
 def prefix_states(model, prefixes: Sequence[Sequence[int]]) -> list[LayerStates]:
@@ -198,7 +187,7 @@ def generate_tokens(
     result: list[list[list[int]]] = [[[] for _ in range(n)] for _ in prompts]
     if sampling.max_new_tokens <= 0 or n <= 0:
         return result
-    jobs = [job for batch in plan(prompts, n, sampling.greedy, batch_rows) for job in batch]
+    jobs = plan(prompts, n, sampling.greedy)
     rows = [row for job in jobs for row in job.rows]
     u = None
     if not sampling.greedy:

@@ -65,8 +65,8 @@ class Recorder:
 
 # ------------------------------------------------------------------------------ greedy
 def test_greedy_matches_model_generate_token_for_token(tiny_lm, single_thread):
-    batches = sg.plan(hf_generate.tokenize(tiny_lm.tokenizer, PROMPTS), 1, True, 32)
-    assert any(job.prefix_len >= 20 for job in batches[0]), "the few-shot prompts share a prefix"
+    jobs = sg.plan(hf_generate.tokenize(tiny_lm.tokenizer, PROMPTS), 1, True)
+    assert any(job.prefix_len >= 20 for job in jobs), "the few-shot prompts share a prefix"
     got = ours(tiny_lm, PROMPTS, greedy(tiny_lm, 12))
     for prompt, samples in zip(PROMPTS, got, strict=True):
         assert samples == [reference_ids(tiny_lm, prompt, 12)]
@@ -256,7 +256,7 @@ def test_eos_ends_a_row_and_the_batch_ends_when_all_are_done(tiny_lm, single_thr
 def test_a_short_shared_prefix_is_not_worth_a_pass(tiny_lm, single_thread):
     prompts = [f"Write the opposite word.\n\nInput: {word}\nOutput:" for word in ("big", "on")]
     tokens = hf_generate.tokenize(tiny_lm.tokenizer, prompts)
-    (jobs,) = sg.plan(tokens, 1, True, 32)
+    jobs = sg.plan(tokens, 1, True)
     assert 0 < jobs[0].prefix_len < sg.MIN_SAVED_TOKENS  # a group, but sharing saves too little
     with Recorder(tiny_lm.model) as seen:
         out = ours(tiny_lm, prompts, greedy(tiny_lm, 1))
