@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import re
 import secrets
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
 from ape.decoding import Sampling, Stop, first_stop
+from ape.greedy_paths import settled
 from ape.shared_generation import generate_tokens
 
 # A sentence end (as ape.search.proposal reads it): . ! or ?, any closing quotes, then whitespace.
@@ -33,6 +34,7 @@ def generate_groups(
     max_new_tokens: int = 32,
     stop: Sequence[Stop] | None = None,
     batch_size: int = 32,
+    known: Callable[[Sequence[int]], Sequence[int]] | None = None,
 ) -> list[list[list[str]]]:
     """`n` completions per prompt of each (prompts, seed) group (greedy when temperature is 0),
     cut at the first `stop`, from one decoding run: a pass decodes rows of every group.
@@ -40,7 +42,8 @@ def generate_groups(
     A stop is a string, or a compiled pattern (e.g. SENTENCE_END) cut at its match's start. A
     group's seed makes its samples reproducible, whatever `batch_size` (rows decoded together)
     and whatever the other groups, without touching the caller's random state; a group without
-    one draws its own.
+    one draws its own. When greedy, `known(prompt tokens)` may give the first tokens greedy
+    decoding generates after a prompt (ape/greedy_paths.py): decoding starts after them.
     """
     groups = [
         (list(prompts), secrets.randbits(63) if seed is None else int(seed))
@@ -58,8 +61,15 @@ def generate_groups(
     )
     draws_from = [(seed, i) for group, seed in groups for i in range(len(group))]
     tokens = tokenize(tokenizer, prompts)
-    generated = generate_tokens(
-        model, tokenizer, tokens, sampling, n=n, batch_rows=batch_size, draws_from=draws_from
+    generated = generate_after_known(
+        model,
+        tokenizer,
+        tokens,
+        sampling,
+        known if sampling.greedy else None,
+        n=n,
+        batch_rows=batch_size,
+        draws_from=draws_from,
     )
     texts = [
         [cut_at(text, stop) for text in tokenizer.batch_decode(samples, skip_special_tokens=True)]
@@ -69,6 +79,50 @@ def generate_groups(
     for group, _ in groups:
         out.append(texts[start : start + len(group)])
         start += len(group)
+    return out
+
+
+def generate_after_known(
+    model,
+    tokenizer,
+    tokens: list[list[int]],
+    sampling: Sampling,
+    known: Callable[[Sequence[int]], Sequence[int]] | None,
+    **options,
+) -> list[list[list[int]]]:
+    """`generate_tokens`, where each prompt's known greedy path (if any) is taken as generated:
+    a prompt whose path already ends the sample decodes nothing, the others decode on after it.
+    The token cap counts the path's tokens too."""
+    if known is None:
+        return generate_tokens(model, tokenizer, tokens, sampling, **options)
+
+    def decode(ids: list[int]) -> str:
+        return tokenizer.decode(ids, skip_special_tokens=True)
+
+    heads, todo = [], []
+    for i, prompt in enumerate(tokens):
+        head, done = settled(
+            known(prompt),
+            decode,
+            max_new_tokens=sampling.max_new_tokens,
+            eos=sampling.eos,
+            stop=sampling.stop,
+        )
+        heads.append(head)
+        if not done:
+            todo.append(i)
+    n = options.get("n", 1)
+    out = [[list(head) for _ in range(n)] for head in heads]
+    draws_from = options.pop("draws_from", None)
+    if draws_from is not None:
+        options["draws_from"] = [draws_from[i] for i in todo]
+    if not todo:
+        return out
+    rest = generate_tokens(
+        model, tokenizer, [tokens[i] + heads[i] for i in todo], sampling, **options
+    )
+    for i, samples in zip(todo, rest, strict=True):
+        out[i] = [(heads[i] + sample)[: sampling.max_new_tokens] for sample in samples]
     return out
 
 

@@ -30,13 +30,15 @@ gradients on, so a soft prompt is trained through the scorer it is evaluated wit
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Protocol, runtime_checkable
 
 import numpy as np
 import torch
 
 import ape.hf_generate as hf_generate
+from ape.greedy_paths import GreedyPaths, path_of
 from ape.prefix_cache import PrefixCache, default_bytes
 from ape.scoring import PackedScorer, context_window
 
@@ -109,6 +111,7 @@ class HFLanguageModel:
             pack_default if pack_tokens is None else pack_tokens,
             PrefixCache(cap) if cap > 0 else None,
         )
+        self.greedy_paths = GreedyPaths()
 
     # The scorer's batch budgets, which its out-of-memory back-off halves in place.
     @property
@@ -135,6 +138,18 @@ class HFLanguageModel:
         """Drop the prefix KV states kept across scoring calls (their memory goes back)."""
         if self.scorer.prefix_cache is not None:
             self.scorer.prefix_cache.clear()
+
+    @contextmanager
+    def recording_greedy_paths(self) -> Iterator[None]:
+        """Within it, scoring also records the greedy path each scored continuation shows, so
+        greedy generation from those contexts later starts from it (ape/greedy_paths.py).
+        Each scored row then also feeds its last token: a little more compute."""
+        before = self.greedy_paths.recording
+        self.greedy_paths.recording = True
+        try:
+            yield
+        finally:
+            self.greedy_paths.recording = before
 
     @property
     def max_length(self) -> int:
@@ -197,7 +212,13 @@ class HFLanguageModel:
         """
         pairs = self.encode_pairs(requests)
         counts = np.array([len(cont) for _, cont in pairs], dtype=np.int64)
-        return self.scorer.score(pairs, soft_prefix), counts
+        if not self.greedy_paths.recording or soft_prefix is not None:
+            return self.scorer.score(pairs, soft_prefix), counts
+        picks: list[list[int]] = []
+        sums = self.scorer.score(pairs, picks=picks)
+        for (context, continuation), picked in zip(pairs, picks, strict=True):
+            self.greedy_paths.record(context, path_of(continuation, picked))
+        return sums, counts
 
     @torch.inference_mode()
     def generate(
@@ -251,6 +272,7 @@ class HFLanguageModel:
             max_new_tokens=max_new_tokens,
             stop=stop,
             batch_size=batch_size,
+            known=self.greedy_paths.lookup,
         )
 
     def chat_prompt(self, message: str) -> str:

@@ -24,6 +24,8 @@ MIN_SHARED_PREFIX = 4
 # A pack narrower than this fraction of its batch's widest starts a new batch: in the wide one it
 # would be mostly padding. Rows sharing a short prefix make many small packs (one group each).
 MIN_FILL = 0.75
+# The target of a read that only asks what the model predicts there (nothing is scored).
+NO_TARGET = -1
 
 Pairs = list[tuple[list[int], list[int]]]
 
@@ -70,11 +72,13 @@ class PackedBatch:
     read_owner: np.ndarray  # per read: the request it belongs to
 
 
-def make_rows(pairs: Pairs, max_length: int, offset: int = 0) -> list[Row]:
+def make_rows(pairs: Pairs, max_length: int, offset: int = 0, feed_last: bool = False) -> list[Row]:
     """One row per distinct model input, sorted by tokens so shared prefixes are neighbours.
 
     `pairs` are (context, continuation) token ids per request; `offset` is the length of a soft
-    prefix before every row (it counts against the model's window of `max_length` tokens).
+    prefix before every row (it counts against the model's window of `max_length` tokens). With
+    `feed_last`, a row that fits also feeds the continuation's last token and reads the position
+    after it with target `NO_TARGET` (what the model predicts after the whole continuation).
     """
     rows: dict[tuple[int, ...], Row] = {}
     for i, (context, continuation) in enumerate(pairs):
@@ -84,13 +88,17 @@ def make_rows(pairs: Pairs, max_length: int, offset: int = 0) -> list[Row]:
                 f"request {i} is {offset + len(whole)} tokens long, more than the model's "
                 f"window of {max_length} tokens; shorten its input or demonstrations"
             )
-        tokens = tuple(whole[:-1])  # the last token is only a target, never an input
+        # Otherwise the last token is only a target, never an input.
+        feed = feed_last and offset + len(whole) <= max_length
+        tokens = tuple(whole if feed else whole[:-1])
         start = len(context) - 1
         row = rows.get(tokens)
         if row is None:
             row = rows[tokens] = Row(tokens, first_scored=start)
         row.first_scored = min(row.first_scored, start)
         row.reads.extend((start + j, tok, i) for j, tok in enumerate(continuation))
+        if feed:
+            row.reads.append((len(whole) - 1, NO_TARGET, i))
     return sorted(rows.values(), key=lambda r: r.tokens)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from typing import Any
 
 import numpy as np
@@ -116,11 +117,15 @@ def _evidence(
         objective.score_evidence([Prompt("")], "val")
         found[NO_INSTRUCTION] = objective.candidates[Prompt("").key()]
     prompts = _unique([c.prompt for c in order[:tested]] + [c.prompt for c in found.values()])
-    objective.score_evidence(prompts, "test")
+    # A soft prompt's vectors are not generated after.
+    generates = metric_objective is not None and order[0].prompt.prefix is None
+    generates = generates and offers(objective.evaluator, LOGLIK_SCORES)
+    # The metric's greedy answers start from the paths this scoring shows (ape/greedy_paths.py).
+    recording = getattr(objective.lm, "recording_greedy_paths", None)
+    with recording() if generates and recording is not None else nullcontext():
+        objective.score_evidence(prompts, "test")
     evidence = _compare(objective, order[0], found, objective.evaluator.name)
-    if metric_objective is None or not offers(objective.evaluator, LOGLIK_SCORES):
-        return evidence, {}
-    if order[0].prompt.prefix is not None:  # a soft prompt's vectors are not generated after
+    if not generates:
         return evidence, {}
     # Scoring is over and generation reads no prefix KV: the cache's memory goes to generation.
     clear = getattr(objective.lm, "clear_prefix_cache", None)

@@ -17,6 +17,7 @@ prefix and suffix attends to it.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -28,6 +29,16 @@ from ape.prefix_cache import PrefixCache, usable
 
 # Per group, the KV of its shared prefix ([] for a group without one).
 PrefixStates = list[LayerStates]
+
+
+@dataclass
+class Reads:
+    """One batch's reads: the request of each, its log-prob, and (when asked) the argmax token
+    at its position."""
+
+    owner: torch.Tensor
+    logprob: torch.Tensor
+    pick: torch.Tensor | None = None
 
 
 def context_window(model) -> int:
@@ -57,27 +68,42 @@ class PackedScorer:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def score(self, pairs: Pairs, soft_prefix: torch.Tensor | None = None) -> torch.Tensor:
+    def score(
+        self,
+        pairs: Pairs,
+        soft_prefix: torch.Tensor | None = None,
+        picks: list[list[int]] | None = None,
+    ) -> torch.Tensor:
         """Summed continuation log-prob per pair, float64, in pair order (differentiable).
 
         `soft_prefix`: [n, d_model] input embeddings, or [layers, 2, kv_heads, n, head_dim] keys
         and values (a key/value prefix); either takes the first n positions.
+        `picks`: a list to fill with, per pair, the argmax token at each scored position and,
+        after them, at the continuation's last token (which is then fed too): see
+        ape/greedy_paths.py.
         """
         soft = None if soft_prefix is None else self.soft_state(soft_prefix)
         offset = 0 if soft is None else int(soft[0][0].shape[2])
-        rows = packing.make_rows(pairs, context_window(self.model), offset)
+        window = context_window(self.model)
+        rows = packing.make_rows(pairs, window, offset, feed_last=picks is not None)
         groups = packing.group_rows(rows)
         prefixes = self.prefix_states(groups, soft)
-        reads: list[tuple[torch.Tensor, torch.Tensor]] = []
+        reads: list[Reads] = []
         # Packed after the prefixes ran: an out-of-memory there has already halved the budgets.
         packs = packing.suffix_packs(groups, self.pack_tokens)
         for batch in list(packing.batched(packs, self.max_batch_tokens)):
             self.with_backoff(self.forward_batch, batch, prefixes, reads, offset)
         sums = torch.zeros(len(pairs), dtype=torch.float64, device=self.device)
         if reads:
-            owners = torch.cat([owner for owner, _ in reads])
-            values = torch.cat([value for _, value in reads])
+            owners = torch.cat([read.owner for read in reads])
+            values = torch.cat([read.logprob for read in reads])
             sums = sums.index_add(0, owners, values)
+        if picks is not None:
+            picks[:] = [[] for _ in pairs]
+            # A batch reads picks only where it has a row that fed its last token.
+            for read in (r for r in reads if r.pick is not None):
+                for owner, pick in zip(read.owner.tolist(), read.pick.tolist(), strict=True):
+                    picks[owner].append(pick)
         return sums
 
     def soft_state(self, soft_prefix: torch.Tensor) -> LayerStates:
@@ -218,10 +244,10 @@ class PackedScorer:
         self,
         packs: list[Pack],
         prefixes: PrefixStates,
-        reads: list[tuple[torch.Tensor, torch.Tensor]],
+        reads: list[Reads],
         offset: int = 0,
     ) -> None:
-        """Score one batch; append (request index, log-prob) per read token to `reads`."""
+        """Score one batch; append its reads' request indices, log-probs and argmax tokens."""
         width = offset + max(p.prefix_len for p in packs)
         packed = packing.pack(packs, width, self.pad_id, offset=offset)
         cache = None
@@ -238,9 +264,16 @@ class PackedScorer:
         positions, which = torch.unique(flat, return_inverse=True)
         selected = hidden.reshape(-1, hidden.shape[-1])[positions]
         logprobs = self.project(selected).log_softmax(-1)  # [n_positions, vocab]
-        picked = logprobs[which, packed.read_target.to(device)]
+        targets = packed.read_target.to(device)
         owner = torch.from_numpy(packed.read_owner).to(device)
-        reads.append((owner, picked.double()))
+        asked = targets == packing.NO_TARGET
+        if not asked.any():
+            reads.append(Reads(owner, logprobs[which, targets].double()))
+            return
+        picked = logprobs[which, targets.clamp(min=0)].double()
+        zero = torch.zeros((), dtype=picked.dtype, device=device)
+        pick = logprobs.argmax(-1)[which]
+        reads.append(Reads(owner, torch.where(asked, zero, picked), pick))
 
     def run(self, packed: PackedBatch, cache, keep_cache: bool):
         """One forward pass of the decoder (no vocabulary head) over a packed batch."""
