@@ -6,10 +6,14 @@ that starts from recorded paths must give the texts it gives without them.
 
 from __future__ import annotations
 
+import copy
+
 import pytest
+import torch
 
 import ape.hf_generate as hf_generate
 from ape.greedy_paths import GreedyPaths, path_of, settled
+from ape.lm import HFLanguageModel
 from tests.test_generation import PROMPTS, Recorder, reference_ids
 
 FEW_SHOT = PROMPTS[:3]
@@ -114,3 +118,15 @@ def test_sampling_ignores_recorded_paths(lm):
     before = lm.greedy_paths.hits
     lm.generate(FEW_SHOT, n=2, temperature=1.0, max_new_tokens=3, seed=0)
     assert lm.greedy_paths.hits == before
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_greedy_paths_on_cuda(tiny_lm):
+    lm = HFLanguageModel(copy.deepcopy(tiny_lm.model).to("cuda"), tiny_lm.tokenizer, name="tiny")
+    settings = dict(max_new_tokens=8, stop=["\n"])
+    plain = lm.generate(PROMPTS, **settings)
+    with lm.recording_greedy_paths():
+        lm.loglikelihood([(p, " " + a[0]) for p, a in zip(PROMPTS, plain, strict=True)])
+    assert lm.generate(PROMPTS, **settings) == plain
+    assert lm.greedy_paths.hits >= len(PROMPTS)
