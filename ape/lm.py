@@ -18,6 +18,9 @@
 5. Only the scored positions are projected to the vocabulary.
 6. Batches are capped by a token budget that halves on out-of-memory instead of crashing.
 
+Within `recording_greedy_paths()`, scoring also records the greedy path each scored continuation
+shows (ape/greedy_paths.py), and greedy `generate` from those contexts starts after it.
+
 Steps 2-4 are pure bookkeeping in ape/packing.py; 3, 5 and 6 run in ape/scoring.py; every call
 that depends on the transformers version (the KV cache) is in ape/kv_cache.py; generation and
 chat templates are in ape/hf_generate.py. This module is the facade over them.
