@@ -17,7 +17,7 @@ pass batches rows differently from a decoding pass, as two decoding batches do).
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from ape.decoding import Stop, first_stop
 
@@ -69,7 +69,7 @@ def path_of(targets: Sequence[int], picks: Sequence[int]) -> list[int]:
 
 def settled(
     path: Sequence[int],
-    decode,
+    decode: Callable[[list[int]], str],
     *,
     max_new_tokens: int,
     eos: frozenset[int],

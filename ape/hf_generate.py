@@ -62,14 +62,7 @@ def generate_groups(
     draws_from = [(seed, i) for group, seed in groups for i in range(len(group))]
     tokens = tokenize(tokenizer, prompts)
     generated = generate_after_known(
-        model,
-        tokenizer,
-        tokens,
-        sampling,
-        known if sampling.greedy else None,
-        n=n,
-        batch_rows=batch_size,
-        draws_from=draws_from,
+        model, tokenizer, tokens, sampling, known, n=n, batch_rows=batch_size, draws_from=draws_from
     )
     texts = [
         [cut_at(text, stop) for text in tokenizer.batch_decode(samples, skip_special_tokens=True)]
@@ -88,13 +81,18 @@ def generate_after_known(
     tokens: list[list[int]],
     sampling: Sampling,
     known: Callable[[Sequence[int]], Sequence[int]] | None,
-    **options,
+    *,
+    n: int,
+    batch_rows: int,
+    draws_from: list[tuple[int, int]],
 ) -> list[list[list[int]]]:
-    """`generate_tokens`, where each prompt's known greedy path (if any) is taken as generated:
-    a prompt whose path already ends the sample decodes nothing, the others decode on after it.
-    The token cap counts the path's tokens too."""
-    if known is None:
-        return generate_tokens(model, tokenizer, tokens, sampling, **options)
+    """`generate_tokens`, where each prompt's known greedy path (if any; greedy sampling only) is
+    taken as generated: a prompt whose path already ends the sample decodes nothing, the others
+    decode on after it. The token cap counts the path's tokens too."""
+    if known is None or not sampling.greedy:
+        return generate_tokens(
+            model, tokenizer, tokens, sampling, n=n, batch_rows=batch_rows, draws_from=draws_from
+        )
 
     def decode(ids: list[int]) -> str:
         return tokenizer.decode(ids, skip_special_tokens=True)
@@ -111,15 +109,17 @@ def generate_after_known(
         heads.append(head)
         if not done:
             todo.append(i)
-    n = options.get("n", 1)
     out = [[list(head) for _ in range(n)] for head in heads]
-    draws_from = options.pop("draws_from", None)
-    if draws_from is not None:
-        options["draws_from"] = [draws_from[i] for i in todo]
     if not todo:
         return out
     rest = generate_tokens(
-        model, tokenizer, [tokens[i] + heads[i] for i in todo], sampling, **options
+        model,
+        tokenizer,
+        [tokens[i] + heads[i] for i in todo],
+        sampling,
+        n=n,
+        batch_rows=batch_rows,
+        draws_from=[draws_from[i] for i in todo],
     )
     for i, samples in zip(todo, rest, strict=True):
         out[i] = [(heads[i] + sample)[: sampling.max_new_tokens] for sample in samples]

@@ -266,14 +266,10 @@ class PackedScorer:
         logprobs = self.project(selected).log_softmax(-1)  # [n_positions, vocab]
         targets = packed.read_target.to(device)
         owner = torch.from_numpy(packed.read_owner).to(device)
-        asked = targets == packing.NO_TARGET
-        if not asked.any():
-            reads.append(Reads(owner, logprobs[which, targets].double()))
-            return
-        picked = logprobs[which, targets.clamp(min=0)].double()
-        zero = torch.zeros((), dtype=picked.dtype, device=device)
-        pick = logprobs.argmax(-1)[which]
-        reads.append(Reads(owner, torch.where(asked, zero, picked), pick))
+        asked = targets == packing.NO_TARGET  # reads that score nothing, only pick
+        picked = logprobs[which, targets.clamp(min=0)].double().masked_fill(asked, 0.0)
+        pick = logprobs.argmax(-1)[which] if asked.any() else None
+        reads.append(Reads(owner, picked, pick))
 
     def run(self, packed: PackedBatch, cache, keep_cache: bool):
         """One forward pass of the decoder (no vocabulary head) over a packed batch."""
