@@ -1,10 +1,13 @@
 """Linear layers that put the weight on the left of the product for few rows, on a CPU.
 
-`F.linear(x, W)` computes x @ W.T. With MKL on an AVX2 CPU and the weights read from memory (a
+`F.linear(x, W)` computes x @ W.T. With MKL on an AMD EPYC and the weights read from memory (a
 whole model does not fit in cache), that layout runs up to 1.5x slower than W @ x.T for a few
 rows (a decoding step feeds 1-32); from about 128 rows on, the two are equal or x @ W.T is
 ahead. The result is the same product summed in another order (float rounding apart).
-benchmarks/scoring/linear_layout.py measures it: a decoding run 1.3x faster, scoring unchanged.
+benchmarks/scoring/linear_layout.py measures it: there, a decoding run 1.3x faster, scoring
+unchanged. MKL picks its kernels by CPU vendor, and on an Intel Xeon (AVX-512) x @ W.T is the
+faster one at every row count (weight-left: decoding 0.94x, 2-64 rows 0.42-0.91x), so the
+default follows the vendor.
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ import os
 
 import torch
 from torch import nn
+
+from ape.device import cpu_vendor
 
 SMALL_ROWS = 64  # up to this many rows, a product runs weight-left
 
@@ -34,10 +39,19 @@ class WeightLeftLinear(nn.Linear):
         return out.reshape(*x.shape[:-1], self.out_features)
 
 
+# CPU vendors on which weight-left products were measured faster (see the module docstring).
+FASTER_ON = frozenset({"AuthenticAMD"})
+
+
 def wanted(device: torch.device) -> bool:
-    """Whether models loaded onto `device` get weight-left layers: on a CPU, unless
-    $APE_WEIGHT_LEFT is 0."""
-    return device.type == "cpu" and os.environ.get("APE_WEIGHT_LEFT", "1") != "0"
+    """Whether models loaded onto `device` get weight-left layers: on a CPU, $APE_WEIGHT_LEFT=1
+    or 0 turns them on or off; unset, on a CPU whose vendor is in FASTER_ON."""
+    if device.type != "cpu":
+        return False
+    setting = os.environ.get("APE_WEIGHT_LEFT")
+    if setting is not None:
+        return setting != "0"
+    return cpu_vendor() in FASTER_ON
 
 
 def use_weight_left(model: nn.Module) -> int:

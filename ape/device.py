@@ -44,15 +44,25 @@ def resolve_dtype(device: torch.device, dtype: str | torch.dtype | None = None) 
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
-def cpu_name() -> str:
-    """The CPU's model name (from /proc/cpuinfo on Linux), else what `platform` knows."""
+def _cpuinfo(field: str) -> str | None:
+    """The first value of `field` in /proc/cpuinfo (None: not Linux, or no such field)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
+            if line.startswith(field):
                 return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return None
+
+
+def cpu_name() -> str:
+    """The CPU's model name (from /proc/cpuinfo on Linux), else what `platform` knows."""
+    return _cpuinfo("model name") or platform.processor() or platform.machine()
+
+
+def cpu_vendor() -> str:
+    """The CPU's vendor id, e.g. "GenuineIntel" or "AuthenticAMD" ("" where unknown)."""
+    return _cpuinfo("vendor_id") or ""
 
 
 def describe_machine(device: str | torch.device) -> dict[str, Any]:

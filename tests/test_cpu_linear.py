@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from ape import cpu_linear
 from ape.cpu_linear import SMALL_ROWS, WeightLeftLinear, use_weight_left
 from ape.lm import HFLanguageModel
 from ape.models import load_model
@@ -69,9 +70,18 @@ def test_tied_weights_stay_tied(tiny_lm):
     assert model.lm_head.weight is model.model.embed_tokens.weight
 
 
-def test_load_model_swaps_on_cpu_unless_turned_off(tiny_model_dir, monkeypatch):
+def test_load_model_swaps_when_turned_on_and_not_when_off(tiny_model_dir, monkeypatch):
+    monkeypatch.setenv("APE_WEIGHT_LEFT", "1")
     lm = load_model(str(tiny_model_dir), device="cpu")
     assert isinstance(lm.model.lm_head, WeightLeftLinear)
     monkeypatch.setenv("APE_WEIGHT_LEFT", "0")
     lm = load_model(str(tiny_model_dir), device="cpu")
     assert type(lm.model.lm_head) is nn.Linear
+
+
+@pytest.mark.parametrize(("vendor", "expected"), [("AuthenticAMD", True), ("GenuineIntel", False)])
+def test_default_follows_the_cpu_vendor(vendor, expected, monkeypatch):
+    monkeypatch.delenv("APE_WEIGHT_LEFT", raising=False)
+    monkeypatch.setattr(cpu_linear, "cpu_vendor", lambda: vendor)
+    assert cpu_linear.wanted(torch.device("cpu")) is expected
+    assert not cpu_linear.wanted(torch.device("cuda"))

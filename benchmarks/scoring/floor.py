@@ -1,5 +1,5 @@
-"""The GEMM floor of a scoring workload: the time its unavoidable fp32 matrix multiplies take at
-the rate this machine multiplies the model's own layer shapes.
+"""The GEMM floor of a scoring workload: the time its unavoidable matrix multiplies take at the
+rate this machine multiplies the model's own layer shapes, in the model's dtype.
 
 Unavoidable: every token left after prefix sharing (ape/packing.py's grouping: a group's prefix
 once, then each row's own tokens) goes through every linear layer of the blocks (2 FLOPs per
@@ -39,7 +39,8 @@ def _block_linears(model: torch.nn.Module) -> list[torch.nn.Linear]:
 def linear_pass(layers: list[torch.nn.Linear], rows: int) -> Callable[[], None]:
     """Run each of `layers` once on its own `rows` random rows (weights read from memory, as in
     a forward pass)."""
-    inputs = {m.in_features: torch.randn(rows, m.in_features) for m in layers}
+    dtype = layers[0].weight.dtype
+    inputs = {m.in_features: torch.randn(rows, m.in_features, dtype=dtype) for m in layers}
 
     def run() -> None:
         for layer in layers:
@@ -49,7 +50,7 @@ def linear_pass(layers: list[torch.nn.Linear], rows: int) -> Callable[[], None]:
 
 
 def gemm_rate(model: torch.nn.Module, rows: int = 1024, repeats: int = 5) -> float:
-    """FLOP/s of the model's block linear layers on `rows` rows (fp32, this machine)."""
+    """FLOP/s of the model's block linear layers on `rows` rows (its dtype, this machine)."""
     layers = _block_linears(model)
     run = linear_pass(layers, rows)
     flops = sum(2 * rows * m.in_features * m.out_features for m in layers)
@@ -73,6 +74,7 @@ def floor(lm: HFLanguageModel, requests: Sequence[Request], rate: float) -> dict
         "scored_positions": reads,
         "block_linear_params": block,
         "gemm_tflop": round(flops / 1e12, 3),
+        "gemm_dtype": str(head.weight.dtype).removeprefix("torch."),
         "gemm_rate_gflops": round(rate / 1e9, 1),
         "floor_s": round(flops / rate, 2),
     }

@@ -3,10 +3,12 @@
 Usage:
     python benchmarks/scoring/run.py [--workload human|ape-length|few-shot] [--repeats 3]
         [--quick] [--methods ape,naive,lmeval] [--lmeval-batch-sizes 1,8,16,32,64] [--out PATH]
+        [--dtype float32|bfloat16]
 
-Every method scores the same requests (workloads.py) with the same model object (fp32, CPU, a
-fixed number of torch threads), round-robin over the methods one repeat at a time, so background
-load hits every method alike. The workload's GEMM floor (floor.py) is measured in the same run.
+Every method scores the same requests (workloads.py) with the same model object (CPU, float32
+unless --dtype says otherwise, a fixed number of torch threads), round-robin over the methods
+one repeat at a time, so background load hits every method alike. The workload's GEMM floor
+(floor.py) is measured in the same run.
 """
 
 from __future__ import annotations
@@ -294,7 +296,8 @@ def _floor_lines(report: dict[str, Any]) -> list[str]:
     return [
         "",
         f"GEMM floor: {f['tokens_after_sharing']} tokens after prefix sharing and "
-        f"{f['scored_positions']} scored positions = {f['gemm_tflop']} TFLOP of fp32 matrix "
+        f"{f['scored_positions']} scored positions = {f['gemm_tflop']} TFLOP of "
+        f"{f.get('gemm_dtype', 'float32')} matrix "
         f"multiplies, at {f['gemm_rate_gflops']} GFLOP/s (this machine, the model's own layer "
         f"shapes, 1024 rows) = {f['floor_s']:.2f} s{ratio}.",
     ]
@@ -333,6 +336,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--instructions", type=int, help="number of prompts (default 20, quick 2)")
     p.add_argument("--examples", type=int, help="examples per instruction (default 50, quick 5)")
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    p.add_argument(
+        "--dtype", default="float32", help="the model's dtype (bfloat16: the opt-in fast mode)"
+    )
     p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="instruction_induction dir")
     p.add_argument("--out", type=Path, help="default benchmarks/results/scoring[-WORKLOAD].json")
     return p.parse_args(argv)
@@ -364,7 +370,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise SystemExit("lm-eval is not installed: pip install -e '.[bench]'")
 
     workload = build_workload(args.data.resolve(), args.workload, n_instructions, n_examples)
-    lm = ape.load_model(device="cpu", dtype="float32")
+    lm = ape.load_model(device="cpu", dtype=args.dtype)
     rate = gemm_rate(lm.model)  # measured before the timed runs, on an idle machine
     methods = make_methods(lm, args.methods, batch_sizes)
     load_before = os.getloadavg()[0]
