@@ -78,7 +78,9 @@ def optimize(
     scorer_options = evaluator_options(evaluator, task, **own)
     scorer = make_evaluator(evaluator, task, **scorer_options)
     search = _checked_searcher(searcher, options, scorer, task)
+    loading = time.perf_counter()
     lm = resolve_model(model)
+    load_s = time.perf_counter() - loading
 
     store = _open_store(task, lm, scorer, storage, study, progress)
     pool = _start_workers(store, workers, lm, evaluator, scorer_options) if workers else None
@@ -86,6 +88,7 @@ def optimize(
     objective = Objective(
         task, lm, scorer, store, workers=pool, length_penalty=length_penalty, **settings
     )
+    objective.seconds["load"] = load_s  # the model's, when given by name (reported as load_s)
     meta = _meta(objective, search, scorer, {**options, **own}, storage, budget, whole)
     metric = partial(_metric_objective, objective, storage) if metric_evidence else None
     try:

@@ -134,7 +134,8 @@ def _evidence(
     metric = metric_objective("generation")
     # Generation is the slow part: the best prompt and the baselines only.
     prompts = _unique([order[0].prompt] + [c.prompt for c in found.values()])
-    rows = metric.score_evidence(prompts, "test")
+    with objective.timed("metric_evidence"):
+        rows = metric.score_evidence(prompts, "test")
     means = {p.key(): float(np.mean(r)) for p, r in zip(prompts, rows, strict=True)}
     name = objective.task.metric
     evidence += _compare(metric, metric.candidates[order[0].prompt.key()], found, name)
