@@ -88,7 +88,8 @@ def optimize(
     objective = Objective(
         task, lm, scorer, store, workers=pool, length_penalty=length_penalty, **settings
     )
-    objective.seconds["load"] = load_s  # the model's, when given by name (reported as load_s)
+    if not isinstance(model, LanguageModel):  # loaded here by name: reported as load_s
+        objective.seconds["load"] = load_s
     meta = _meta(objective, search, scorer, {**options, **own}, storage, budget, whole)
     metric = partial(_metric_objective, objective, storage) if metric_evidence else None
     try:
