@@ -78,18 +78,14 @@ def optimize(
     scorer_options = evaluator_options(evaluator, task, **own)
     scorer = make_evaluator(evaluator, task, **scorer_options)
     search = _checked_searcher(searcher, options, scorer, task)
-    loading = time.perf_counter()
-    lm = resolve_model(model)
-    load_s = time.perf_counter() - loading
-
+    lm, loading = _timed_model(model)
     store = _open_store(task, lm, scorer, storage, study, progress)
     pool = _start_workers(store, workers, lm, evaluator, scorer_options) if workers else None
     settings = dict(budget=budget, seed=seed, val_examples=val_examples, progress=progress)
     objective = Objective(
         task, lm, scorer, store, workers=pool, length_penalty=length_penalty, **settings
     )
-    if not isinstance(model, LanguageModel):  # loaded here by name: reported as load_s
-        objective.seconds["load"] = load_s
+    objective.seconds.update(loading)  # reported as load_s
     meta = _meta(objective, search, scorer, {**options, **own}, storage, budget, whole)
     metric = partial(_metric_objective, objective, storage) if metric_evidence else None
     try:
@@ -98,6 +94,15 @@ def optimize(
         return result
     finally:
         _close(objective, store, pool)
+
+
+def _timed_model(model: LanguageModel | str | os.PathLike) -> tuple[LanguageModel, dict]:
+    """The model, and {"load": seconds its loading took} ({} for a model object given)."""
+    if isinstance(model, LanguageModel):
+        return model, {}
+    began = time.perf_counter()
+    lm = resolve_model(model)
+    return lm, {"load": time.perf_counter() - began}
 
 
 def _close(objective: Objective, store, pool) -> None:
