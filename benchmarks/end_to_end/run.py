@@ -11,10 +11,11 @@ same interpreter and the same libraries, one after the other; after it, this wor
 Each run is `python -m ape optimize TASK --seed S --storage memory` in a fresh process (model
 load included in the wall time), with `--searcher NAME` when one is given (both versions'
 default is `whole`, the whole-prompt search). The result's own timings give the phases: generation,
-scoring, the search as a whole and the test evidence. Units/s is the scored (prompt, example)
-pairs the model computed per second of scoring. Peak RSS is the run's own (wait4's
-ru_maxrss). `--no-prefix-cache` adds a run of this tree with the cross-call prefix cache off
-($APE_PREFIX_CACHE_MB=0): the difference in peak RSS is what the cache costs in memory.
+scoring, the search as a whole and the test evidence (total minus search), and of the
+evidence, the metric's greedy answers (versions from 14bed63 on time them). Units/s is the
+scored (prompt, example) pairs the model computed per second of scoring. Peak RSS is the run's
+own (wait4's ru_maxrss). `--no-prefix-cache` adds a run of this tree with the cross-call prefix
+cache off ($APE_PREFIX_CACHE_MB=0): the difference in peak RSS is what the cache costs in memory.
 Medians over `--repeats`. `--seeds 0,1,2` runs each seed as its own row and adds, per task and
 version, the mean test score over the seeds: one seed's best prompt is one draw of the search.
 """
@@ -123,6 +124,8 @@ def run_once(
         "score_s": timings.get("score_s", 0.0),
         "search_s": timings.get("search_s", 0.0),
         "evidence_s": round(timings.get("total_s", 0.0) - timings.get("search_s", 0.0), 1),
+        # Of the evidence, the metric's greedy answers (None: a version that does not time them).
+        "metric_s": timings.get("metric_evidence_s"),
         "units_per_s": round(computed / timings["score_s"], 1) if timings.get("score_s") else None,
         "best": best["instruction"],
         "best_demos": len(best.get("demos", [])),
@@ -135,7 +138,7 @@ def median_row(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """The median of each timing over repeats; the prompt and scores of the first repeat (a
     seeded run chooses the same prompt every time)."""
     out = dict(rows[0])
-    timed = ("wall_s", "generate_s", "score_s", "search_s", "evidence_s", "units_per_s")
+    timed = ("wall_s", "generate_s", "score_s", "search_s", "evidence_s", "metric_s", "units_per_s")
     for key in (*timed, "peak_rss_mb"):
         values = [r[key] for r in rows if r[key] is not None]
         out[key] = round(statistics.median(values), 1) if values else None
@@ -150,16 +153,17 @@ def table(rows: list[dict[str, Any]], machine: str, searcher: str | None) -> str
         f"--storage memory`, {which}, medians over repeats.",
         "",
         "| task | seed | version | wall s | generation s | scoring s | search s | evidence s "
-        "| units/s | peak RSS MB | test loglik | test metric | best prompt |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| of which metric s | units/s | peak RSS MB | test loglik | test metric | best prompt |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
         prompt = (r["best"] or "(no instruction)")[:60] + f" + {r['best_demos']} demos"
         metric = "" if r["test_metric"] is None else f"{r['test_metric']:.3f}"
+        answers = "–" if r.get("metric_s") is None else r["metric_s"]
         lines.append(
             f"| {r['task']} | {r['seed']} | {r['version']} | {r['wall_s']} | "
             f"{r['generate_s']:.1f} | {r['score_s']:.1f} | {r['search_s']:.1f} | "
-            f"{r['evidence_s']} | {r['units_per_s']} | {r['peak_rss_mb']} | "
+            f"{r['evidence_s']} | {answers} | {r['units_per_s']} | {r['peak_rss_mb']} | "
             f"{r['test_loglik']:.4f} | {metric} | {prompt} |"
         )
     lines += comparisons(rows)
