@@ -337,7 +337,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--examples", type=int, help="examples per instruction (default 50, quick 5)")
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     p.add_argument(
-        "--dtype", default="float32", help="the model's dtype (bfloat16: the opt-in fast mode)"
+        "--dtype",
+        default="float32",
+        choices=("float32", "bfloat16"),
+        help="the model's dtype (bfloat16: the opt-in fast mode)",
     )
     p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="instruction_induction dir")
     p.add_argument("--out", type=Path, help="default benchmarks/results/scoring[-WORKLOAD].json")
