@@ -49,9 +49,11 @@ def wanted(device: torch.device) -> bool:
     if device.type != "cpu":
         return False
     setting = os.environ.get("APE_WEIGHT_LEFT")
-    if setting is not None:
-        return setting != "0"
-    return cpu_vendor() in FASTER_ON
+    if setting is None:
+        return cpu_vendor() in FASTER_ON
+    if setting not in ("0", "1"):
+        raise ValueError(f"APE_WEIGHT_LEFT must be 1 (on) or 0 (off), got {setting!r}")
+    return setting == "1"
 
 
 def use_weight_left(model: nn.Module) -> int:

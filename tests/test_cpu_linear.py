@@ -85,3 +85,9 @@ def test_default_follows_the_cpu_vendor(vendor, expected, monkeypatch):
     monkeypatch.setattr(cpu_linear, "cpu_vendor", lambda: vendor)
     assert cpu_linear.wanted(torch.device("cpu")) is expected
     assert not cpu_linear.wanted(torch.device("cuda"))
+
+
+def test_a_weight_left_setting_other_than_1_or_0_is_an_error(monkeypatch):
+    monkeypatch.setenv("APE_WEIGHT_LEFT", "yes")
+    with pytest.raises(ValueError, match="APE_WEIGHT_LEFT must be 1 .* got 'yes'"):
+        cpu_linear.wanted(torch.device("cpu"))
