@@ -20,6 +20,7 @@ import torch
 import ape.kv_cache as kv_cache
 from ape.next_token import choose
 from ape.prompt_lookup import draft
+from ape.vocab_head import logits_of
 
 # A stop is a string (the text is cut before it) or a compiled pattern (cut at its match).
 Stop = str | re.Pattern
@@ -57,15 +58,6 @@ def first_stop(text: str, stop: Sequence[Stop]) -> int:
         if at >= 0 and (cut < 0 or at < cut):
             cut = at
     return cut
-
-
-def logits_of(model, hidden: torch.Tensor) -> torch.Tensor:
-    """Hidden states to fp32 vocabulary logits, as the model's own head would (softcap too)."""
-    logits = model.get_output_embeddings()(hidden).float()
-    cap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
-    if cap:
-        logits = torch.tanh(logits / cap) * cap
-    return logits
 
 
 def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

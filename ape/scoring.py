@@ -26,6 +26,7 @@ import ape.packing as packing
 from ape.kv_cache import LayerStates
 from ape.packing import Group, Pack, PackedBatch, Pairs
 from ape.prefix_cache import PrefixCache, usable
+from ape.vocab_head import read_logprobs
 
 # Per group, the KV of its shared prefix ([] for a group without one).
 PrefixStates = list[LayerStates]
@@ -252,8 +253,13 @@ class PackedScorer:
         packed = packing.pack(packs, width, self.pad_id, offset=offset)
         cache = None
         if width:
+            # Room for the suffixes: their keys and values are written in place after the
+            # prefix, not concatenated to it (a copy of the whole KV per layer).
             cache = kv_cache.padded_cache(
-                self.model.config, [prefixes[p.group] for p in packs], width
+                self.model.config,
+                [prefixes[p.group] for p in packs],
+                width,
+                room=packed.ids.shape[1],
             )
         out, _ = self.run(packed, cache, keep_cache=False)
         hidden = out.last_hidden_state  # [packs, width, d_model]
@@ -263,12 +269,13 @@ class PackedScorer:
         flat = packed.read_pack.to(device) * hidden.shape[1] + packed.read_offset.to(device)
         positions, which = torch.unique(flat, return_inverse=True)
         selected = hidden.reshape(-1, hidden.shape[-1])[positions]
-        logprobs = self.project(selected).log_softmax(-1)  # [n_positions, vocab]
         targets = packed.read_target.to(device)
         owner = torch.from_numpy(packed.read_owner).to(device)
         asked = targets == packing.NO_TARGET  # reads that score nothing, only pick
-        picked = logprobs[which, targets.clamp(min=0)].double().masked_fill(asked, 0.0)
-        pick = logprobs.argmax(-1)[which] if asked.any() else None
+        logprob, pick = read_logprobs(
+            self.model, selected, which, targets.clamp(min=0), bool(asked.any())
+        )
+        picked = logprob.double().masked_fill(asked, 0.0)
         reads.append(Reads(owner, picked, pick))
 
     def run(self, packed: PackedBatch, cache, keep_cache: bool):
@@ -285,14 +292,6 @@ class PackedScorer:
             attention_mask=mask[:, None],  # [packs, 1, query, prefix + query]
             use_cache=keep_cache,  # a given cache is read either way
         )
-
-    def project(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Hidden states to fp32 vocabulary logits, as the model's own head would."""
-        logits = self.model.get_output_embeddings()(hidden).float()
-        cap = getattr(self.model.config.get_text_config(), "final_logit_softcapping", None)
-        if cap:
-            logits = torch.tanh(logits / cap) * cap
-        return logits
 
 
 def is_out_of_memory(err: RuntimeError) -> bool:

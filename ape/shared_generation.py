@@ -30,9 +30,10 @@ import torch
 
 import ape.kv_cache as kv_cache
 import ape.packing as packing
-from ape.decoding import Decoding, Sampling, additive_mask, decode, logits_of
+from ape.decoding import Decoding, Sampling, additive_mask, decode
 from ape.kv_cache import LayerStates
 from ape.next_token import uniforms
+from ape.vocab_head import logits_of
 
 # Sharing a prefix costs a pass of its own; below this many tokens saved, prompts run whole.
 MIN_SAVED_TOKENS = 64

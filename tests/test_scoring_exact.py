@@ -20,6 +20,7 @@ from ape.search.rl.policy import PromptPolicy
 
 import ape
 import ape.kv_cache as kv_cache
+import ape.vocab_head as vocab_head
 from ape.lm import HFLanguageModel
 from ape.packing import group_rows, make_rows
 from ape.reference import reference_loglikelihood
@@ -187,6 +188,12 @@ def test_large_budgets_need_at_most_one_batch_per_group(lm, forward_calls):
     assert_matches_reference(lm, requests)
     assert 1 <= len(forward_calls) <= len(prefix_lengths(lm, requests))
     assert sum(rows for _, rows in forward_calls) == len(requests)  # no row scored twice
+
+
+@pytest.mark.parametrize("head_rows", [1, 5])
+def test_positions_projected_a_few_at_a_time_match_reference(lm, monkeypatch, head_rows):
+    monkeypatch.setattr(vocab_head, "HEAD_ROWS", head_rows)
+    assert_matches_reference(lm, mixed_length_requests() + shared_prefix_requests())
 
 
 # ---------------------------------------------------------------- shared prefixes
