@@ -96,17 +96,8 @@ def padded_cache(
     room = room if DynamicLayer is not None else 0
     layers = []
     for layer, (k0, v0) in enumerate(some):
-        # Only the padding is zeroed: the room is written before it is read.
-        keys = k0.new_empty(len(states), k0.shape[1], width + room, k0.shape[3])
-        values = v0.new_empty(len(states), v0.shape[1], width + room, v0.shape[3])
-        for b, state in enumerate(states):
-            n = state[layer][0].shape[2] if state else 0
-            if state:
-                keys[b, :, :n] = state[layer][0][0]
-                values[b, :, :n] = state[layer][1][0]
-            keys[b, :, n:width] = 0
-            values[b, :, n:width] = 0
-        layers.append((keys, values))
+        none = (k0[:, :, :0], v0[:, :, :0])  # a row without a prefix: no slots of its own
+        layers.append(_stacked_rows([s[layer] if s else none for s in states], width, room))
     if room:
         return Cache(layers=[ReservedLayer(k, v, width) for k, v in layers])
     return build_cache(config, layers)
